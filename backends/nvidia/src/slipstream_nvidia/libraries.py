@@ -1,0 +1,60 @@
+"""NVIDIA library candidates: PyTorch SDPA with each of its backends, and ``flash-attn`` if installed.
+
+They implement the ``attention`` op for the cases those libraries cover (no softcap; sliding
+window and packing only through ``flash-attn``); the dispatcher times them against our Triton kernel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+
+
+def sdpa(backend: str):
+    """An ``attention`` implementation pinned to one SDPA backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = getattr(SDPBackend, SDPA_BACKENDS[backend])
+
+    def attention(q, k, v, causal=True, scale=None, sliding_window=None, softcap=None, cu_seqlens=None):
+        with sdpa_kernel([chosen]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
+
+    attention.__doc__ = f"torch SDPA, {backend} backend only"
+    return attention
+
+
+def sdpa_accepts(q, k, v, causal=True, scale=None, sliding_window=None, softcap=None, cu_seqlens=None) -> bool:
+    return (softcap is None and sliding_window is None and cu_seqlens is None and q.dtype in
+            (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_attn(q, k, v, causal=True, scale=None, sliding_window=None, softcap=None, cu_seqlens=None):
+    """The ``flash-attn`` package (Tri Dao's FlashAttention 2), varlen when packed."""
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)
+    cap = 0.0 if softcap is None else softcap
+    if cu_seqlens is None:
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal,
+                              softmax_scale=scale, window_size=window, softcap=cap)
+        return out.transpose(1, 2)
+    cu = cu_seqlens.to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    out = flash_attn_varlen_func(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu,
+                                 longest, longest, causal=causal, softmax_scale=scale, window_size=window,
+                                 softcap=cap)
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+def flash_attn_accepts(q, k, v, causal=True, scale=None, sliding_window=None, softcap=None, cu_seqlens=None):
+    return q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and causal
