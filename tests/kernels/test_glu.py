@@ -1,0 +1,121 @@
+"""The Triton SwiGLU / GeGLU kernels against the ops' references (fp64 truth, per-dtype tolerance),
+forward and backward, under Triton's CPU interpreter; plus ahead-of-time compilation for sm_90."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from slipstream.kernels import glu as kmod
+from slipstream.ops.geglu import SPEC as GEGLU
+from slipstream.ops.swiglu import SPEC as SWIGLU
+
+from tests.helpers import assert_matches_reference
+
+CPU = torch.device("cpu")
+SPECS = {"swiglu": SWIGLU, "geglu": GEGLU}
+
+
+def _fn(op: str, config: dict | None = None):
+    if op == "swiglu":
+        return lambda gate, up: kmod.swiglu(gate, up, config=config)
+    return lambda gate, up, approximate: kmod.geglu(gate, up, approximate, config=config)
+
+
+def _extra(op: str, approximate: str = "none") -> tuple:
+    return () if op == "swiglu" else (approximate,)
+
+
+def _cases() -> list[tuple[str, int]]:
+    return [(op, i) for op, spec in SPECS.items()
+            for i in range(len(spec.samples(CPU, torch.float32, "small")))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,index", _cases())
+def test_spec_samples(op: str, index: int, dtype: torch.dtype) -> None:
+    sample = SPECS[op].samples(CPU, dtype, "small")[index]
+    assert_matches_reference(SPECS[op], _fn(op), sample.args)
+
+
+@pytest.mark.parametrize("op", SPECS)
+def test_float16_sample(op: str) -> None:
+    sample = SPECS[op].samples(CPU, torch.float16, "small")[2]  # odd 9x1001
+    assert_matches_reference(SPECS[op], _fn(op), sample.args)
+
+
+@pytest.mark.parametrize("config", kmod.CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("op,approximate", [("swiglu", ""), ("geglu", "none"), ("geglu", "tanh")])
+def test_every_config(op: str, approximate: str, config: dict) -> None:
+    gate = torch.randn(3, 4100, dtype=torch.bfloat16) * 2  # ragged last column block
+    up = torch.randn(3, 4100, dtype=torch.bfloat16)
+    assert_matches_reference(SPECS[op], _fn(op, config), (gate, up, *_extra(op, approximate)))
+
+
+@pytest.mark.parametrize("op", SPECS)
+def test_fused_gate_up_views_and_strided_grad(op: str) -> None:
+    """gate/up as the two halves of one fused projection (row stride 2I, read in place), a
+    transposed (copied) operand, and a strided incoming gradient."""
+    kernel = _fn(op)
+
+    def fn(gate, up, *rest):
+        i = gate.shape[-1]
+        fused = torch.cat([gate, up], -1)
+        y1 = kernel(fused[..., :i], fused[..., i:], *rest)
+        y2 = kernel(gate.transpose(0, 1).contiguous().transpose(0, 1), up, *rest)
+        y = (y1 + y2) * 0.5
+        return torch.cat([y, y.detach()], -1)[..., :i]
+
+    gate, up = torch.randn(2, 7, 33) * 2, torch.randn(2, 7, 33)
+    assert_matches_reference(SPECS[op], fn, (gate, up, *_extra(op)))
+
+
+@pytest.mark.parametrize("which", ["gate", "up"])
+@pytest.mark.parametrize("op", SPECS)
+def test_single_grad(op: str, which: str) -> None:
+    gate = (torch.randn(5, 40) * 2).requires_grad_(which == "gate")
+    up = torch.randn(5, 40).requires_grad_(which == "up")
+    assert_matches_reference(SPECS[op], _fn(op), (gate, up, *_extra(op, "tanh")), grads=False)
+
+
+def test_geglu_rejects_unknown_approximation() -> None:
+    with pytest.raises(ValueError):
+        kmod.geglu(torch.randn(2, 3), torch.randn(2, 3), "sigmoid")
+    assert not kmod.accepts_geglu(torch.randn(2, 3), torch.randn(2, 3), "sigmoid")
+
+
+def test_accepts() -> None:
+    g = torch.randn(2, 8)
+    assert kmod.accepts_swiglu(g, g) and kmod.accepts_geglu(g, g, "tanh")
+    assert not kmod.accepts_swiglu(g.double(), g.double())
+    assert not kmod.accepts_swiglu(g, g.half())
+    assert not kmod.accepts_swiglu(g, torch.randn(2, 9))
+
+
+def test_kernels_entry() -> None:
+    assert [(k.op, k.name) for k in kmod.KERNELS] == [("swiglu", "swiglu"), ("geglu", "geglu")]
+    assert all(2 <= len(k.configs) <= 5 for k in kmod.KERNELS)
+
+
+def test_aot_compiles_for_sm90() -> None:
+    """Every unit of the first config of both kernels compiles for sm_90 (in a subprocess: AOT needs
+    Triton's real JIT functions, which don't exist under TRITON_INTERPRET=1)."""
+    code = (
+        "import json\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from slipstream.kernels._aot import compile_unit\n"
+        "from slipstream.kernels.glu import KERNELS\n"
+        "res = [compile_unit(u, GPUTarget('cuda', 90, 32)) for k in KERNELS for u in k.aot(k.configs[0])]\n"
+        "print(json.dumps([[r.unit, r.ok, r.error] for r in res]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 6, results
+    failed = [r for r in results if not r[1]]
+    assert not failed, failed
