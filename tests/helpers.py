@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
 from slipstream.dispatch.verify import Oracle, Verdict
 from slipstream.ops import OpSpec
 

@@ -26,7 +26,7 @@ import pluggy
 import torch
 
 from slipstream.device import DeviceInfo
-from slipstream.registry import Config, Registry, RegistrationError
+from slipstream.registry import Config, RegistrationError, Registry
 
 PROJECT = "slipstream"
 ENTRY_POINT_GROUP = "slipstream.backends"
@@ -52,6 +52,10 @@ class Hookspecs:
     @hookspec
     def slipstream_devices(self) -> Sequence[DeviceInfo]:
         """Devices of this plugin's kind present on this machine, for ``doctor`` and defaults."""
+
+    @hookspec(firstresult=True)
+    def slipstream_status(self) -> str:
+        """One line for ``slipstream doctor``: is this plugin's hardware present, and if not, why."""
 
     @hookspec
     def slipstream_tuning_spaces(self) -> dict[str, Callable[[DeviceInfo], Sequence[Config]]]:
@@ -144,7 +148,8 @@ class PluginSystem:
     def apply_tuning_spaces(self, names: Sequence[str] | None = None) -> None:
         """Ask loaded plugins (all, or ``names``) for extra tuning configs, once each."""
         for name, record in list(self.records.items()):
-            if (names is not None and name not in names) or record.status != "loaded" or self.pm.get_plugin(name) is None:
+            wanted = names is None or name in names
+            if not wanted or record.status != "loaded" or self.pm.get_plugin(name) is None:
                 continue
             try:
                 for spaces in self._hook(name, "slipstream_tuning_spaces")():
@@ -194,6 +199,15 @@ class PluginSystem:
                     raise
                 self.records.setdefault(name, PluginRecord(name, "loaded")).error = f"devices: {_short(exc)}"
         return found
+
+    def status(self, name: str) -> str:
+        """The plugin's own status line (``slipstream_status`` hook), or ``""``."""
+        if self.pm.get_plugin(name) is None:
+            return ""
+        try:
+            return self._hook(name, "slipstream_status")() or ""
+        except Exception as exc:
+            return f"status hook raised {_short(exc)}"
 
     def versions(self) -> dict[str, str]:
         return {n: r.version for n, r in sorted(self.records.items()) if r.status == "loaded"}

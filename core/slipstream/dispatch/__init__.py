@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from slipstream.dispatch.dispatcher import DispatchError, Dispatcher
+from slipstream.dispatch.dispatcher import Dispatcher, DispatchError
 from slipstream.dispatch.trace import CandidateReport, Decision
 
 _DISPATCHER = Dispatcher()

@@ -5,12 +5,26 @@
 
 from slipstream.ops import (
     attention as _attention,
+)
+from slipstream.ops import (
     cross_entropy as _cross_entropy,
+)
+from slipstream.ops import (
     geglu as _geglu,
+)
+from slipstream.ops import (
     linear_cross_entropy as _linear_cross_entropy,
+)
+from slipstream.ops import (
     lora_linear as _lora_linear,
+)
+from slipstream.ops import (
     rms_norm as _rms_norm,
+)
+from slipstream.ops import (
     rope as _rope,
+)
+from slipstream.ops import (
     swiglu as _swiglu,
 )
 from slipstream.ops._spec import OpSpec, Sample, Tolerance

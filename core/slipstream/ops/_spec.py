@@ -123,12 +123,17 @@ def require_tensor(name: str, value: object, *, op: str, floating: bool = True) 
 
 
 def require_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items() if t is not None}
-    first = next(iter(devices.values()))
-    for name, dev in devices.items():
-        if dev != first:
-            listing = ", ".join(f"`{n}` on {d}" for n, d in devices.items())
-            raise ValueError(f"{op}: all tensors must be on one device, got {listing}; move `{name}`")
+    """The one device all given tensors live on (``None`` entries ignored); raises naming the odd one."""
+    first = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        dev = t.device
+        if first is None:
+            first = dev
+        elif dev != first:
+            listing = ", ".join(f"`{n}` on {v.device}" for n, v in tensors.items() if v is not None)
+            raise ValueError(f"{op}: all tensors must be on one device, got {listing}; move them to one device")
     return first
 
 

@@ -78,7 +78,8 @@ def check(args: tuple) -> tuple:
     device = require_same_device(OP, q=q, k=k, v=v, cu_seqlens=cu_seqlens)
     b, hq, s, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
-        raise ValueError(f"{OP}: `k` {tuple(k.shape)} and `v` {tuple(v.shape)} must be (B={b}, Hk, S={s}, D={d})")
+        raise ValueError(f"{OP}: `k` {tuple(k.shape)} and `v` {tuple(v.shape)} must be "
+                         f"(B={b}, Hk, S={s}, D={d})")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"{OP}: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     hk = k.shape[1]
@@ -90,6 +91,8 @@ def check(args: tuple) -> tuple:
         raise ValueError(f"{OP}: `softcap` must be > 0 or None, got {softcap}")
     if cu_seqlens is not None:
         require_tensor("cu_seqlens", cu_seqlens, op=OP, floating=False)
+        if cu_seqlens.is_floating_point() or cu_seqlens.is_complex() or cu_seqlens.dtype == torch.bool:
+            raise TypeError(f"{OP}: `cu_seqlens` must be an integer tensor, got {cu_seqlens.dtype}")
         if b != 1 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"{OP}: packed sequences need B == 1 and `cu_seqlens` (nseq + 1,); got B={b}, "
                              f"cu_seqlens {tuple(cu_seqlens.shape)}")
@@ -130,7 +133,8 @@ def samples(device: torch.device, dtype: torch.dtype, size: str = "small") -> li
                 make("gemma2 window 4096 softcap", 1, 16, 8, 8192, 256, window=4096, softcap=50.0),
                 make("packed 3 seqs", 1, 32, 8, 4096, 128, packed=[1000, 2500, 596])]
     return [make("B2 H4/2 S16 D16", 2, 4, 2, 16, 16), make("1 token", 1, 2, 1, 1, 8),
-            make("odd S37 D24", 1, 3, 3, 37, 24), make("window 5 softcap", 1, 4, 2, 20, 16, window=5, softcap=2.0),
+            make("odd S37 D24", 1, 3, 3, 37, 24),
+            make("window 5 softcap", 1, 4, 2, 20, 16, window=5, softcap=2.0),
             make("packed", 1, 4, 1, 19, 16, packed=[5, 1, 13])]
 
 

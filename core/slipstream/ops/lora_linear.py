@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -43,12 +45,13 @@ def reference(
     Shapes: ``x`` (..., K), ``weight`` (N, K) dense or :class:`~slipstream.quant.QuantizedWeight`
     (NF4/FP4), ``lora_a`` (r, K), ``lora_b`` (N, r), ``bias`` (N,). The base product runs in
     ``x``'s dtype; the LoRA path in the adapter's dtype (peft keeps adapters in fp32 under a
-    bf16 base); the sum is cast to ``x``'s dtype. Returns (..., N).
+    bf16 base); the two are added in the wider of their dtypes (torch promotion, as peft's
+    ``result + lora_B(lora_A(x)) * scaling``) and the sum is cast to ``x``'s dtype. Returns (..., N).
     """
     base = F.linear(x, base_weight(weight, x.dtype), bias)
     xa = x.to(lora_a.dtype)
     update = F.linear(F.linear(xa, lora_a), lora_b) * scaling
-    return (base.to(update.dtype) + update).to(x.dtype) if update.dtype != x.dtype else base + update
+    return (base + update).to(x.dtype)
 
 
 def check(args: tuple) -> tuple:
@@ -85,18 +88,31 @@ def check(args: tuple) -> tuple:
             bias is not None and bias.requires_grad, bias is not None)
 
 
+def fresh_quantized(weight: QuantizedWeight) -> QuantizedWeight:
+    """Random 4-bit codes and block scales in ``weight``'s exact format: same code book (NF4/FP4),
+    block size, double quantisation and dtype, so verification exercises the path the call takes."""
+    dev = weight.device
+    packed = torch.randint(0, 256, tuple(weight.packed.shape), dtype=torch.uint8, device=dev)
+    if weight.double_quant:  # random 8-bit codes into the weight's own nested code book and scales
+        absmax = torch.randint(0, 256, tuple(weight.absmax.shape), dtype=weight.absmax.dtype, device=dev)
+    else:  # about the absmax of a block of N(0, 1/K) weights
+        scale = 2.5 * weight.shape[1] ** -0.5
+        absmax = ((torch.rand(tuple(weight.absmax.shape), device=dev) + 0.5) * scale).to(weight.absmax.dtype)
+    return dataclasses.replace(weight, packed=packed, absmax=absmax)
+
+
 def fresh(args: tuple, max_elements: int | None) -> tuple:
     x, weight, lora_a, lora_b, scaling, bias = args
     n, k = weight.shape
     r = lora_a.shape[0]
     rows = rows_within(x.numel() // max(1, k), max(n, k), max_elements)
     if isinstance(weight, QuantizedWeight):
-        w = quantize_nf4(torch.randn(n, k, device=weight.device) * k ** -0.5, weight.blocksize)
-        w = QuantizedWeight(**{**w.__dict__, "dtype": weight.dtype})
+        w = fresh_quantized(weight)
     else:
         w = like(weight, (n, k), scale=k ** -0.5)
-    return (like(x, (rows, k)), w, like(lora_a, (r, k), scale=k ** -0.5), like(lora_b, (n, r), scale=r ** -0.5),
-            scaling, None if bias is None else like(bias, (n,), scale=0.1))
+    return (like(x, (rows, k)), w, like(lora_a, (r, k), scale=k ** -0.5),
+            like(lora_b, (n, r), scale=r ** -0.5), scaling,
+            None if bias is None else like(bias, (n,), scale=0.1))
 
 
 def samples(device: torch.device, dtype: torch.dtype, size: str = "small") -> list[Sample]:
@@ -119,8 +135,8 @@ def samples(device: torch.device, dtype: torch.dtype, size: str = "small") -> li
                 make("llama8b gate_proj", 4096, 4096, 14336, 16),
                 make("llama8b down_proj", 4096, 14336, 4096, 16),
                 make("llama8b q_proj nf4", 4096, 4096, 4096, 16, nf4=True)]
-    return [make("8x32->48 r4", 8, 32, 48, 4), make("1 row", 1, 16, 24, 2), make("odd 13x40->27 bias", 13, 40, 27,
-                                                                                  3, with_bias=True),
+    return [make("8x32->48 r4", 8, 32, 48, 4), make("1 row", 1, 16, 24, 2),
+            make("odd 13x40->27 bias", 13, 40, 27, 3, with_bias=True),
             make("nf4 6x64->32", 6, 64, 32, 4, nf4=True), make("fp32 adapter", 5, 32, 16, 4,
                                                                 adapter_dtype=torch.float32)]
 

@@ -62,7 +62,8 @@ def check(args: tuple) -> tuple:
         require_dtype(OP, name, t, FLOAT_DTYPES)
     device = require_same_device(OP, q=q, k=k, cos=cos, sin=sin, position_ids=position_ids)
     if q.dim() != 4 or k.dim() != 4:
-        raise ValueError(f"{OP}: `q` and `k` must be (B, H, S, D); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(f"{OP}: `q` and `k` must be (B, H, S, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     b, hq, s, d = q.shape
     if k.shape[0] != b or k.shape[2] != s or k.shape[3] != d:
         raise ValueError(f"{OP}: `k` {tuple(k.shape)} must match `q` {tuple(q.shape)} in B, S and D")
@@ -72,8 +73,11 @@ def check(args: tuple) -> tuple:
         raise ValueError(f"{OP}: `cos` {tuple(cos.shape)} and `sin` {tuple(sin.shape)} must have one shape")
     if position_ids is not None:
         require_tensor("position_ids", position_ids, op=OP, floating=False)
+        if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+            raise TypeError(f"{OP}: `position_ids` must be an integer tensor, got {position_ids.dtype}")
         if cos.dim() != 2 or cos.shape[-1] != d:
-            raise ValueError(f"{OP}: with `position_ids`, `cos`/`sin` must be a (P, {d}) table, got {tuple(cos.shape)}")
+            raise ValueError(f"{OP}: with `position_ids`, `cos`/`sin` must be a (P, {d}) table, "
+                             f"got {tuple(cos.shape)}")
         if tuple(position_ids.shape) not in ((b, s), (1, s)):
             raise ValueError(f"{OP}: `position_ids` must be ({b}, {s}), got {tuple(position_ids.shape)}")
     elif cos.shape not in ((b, s, d), (1, s, d), (s, d)):
@@ -129,7 +133,8 @@ def samples(device: torch.device, dtype: torch.dtype, size: str = "small") -> li
         return Sample(label, (q, k, cos[0].contiguous(), sin[0].contiguous(), pos))
 
     if size == "real":
-        return [make("llama8b B2 S4096", 2, 32, 8, 4096, 128), packed("packed 3 seqs", 32, 8, [1500, 2000, 596], 128)]
+        return [make("llama8b B2 S4096", 2, 32, 8, 4096, 128),
+                packed("packed 3 seqs", 32, 8, [1500, 2000, 596], 128)]
     return [make("B2 H4/2 S8 D16", 2, 4, 2, 8, 16), make("1 token", 1, 3, 1, 1, 8),
             make("odd S13 D6", 1, 5, 5, 13, 6), packed("packed", 4, 2, [3, 7, 1], 16)]
 
