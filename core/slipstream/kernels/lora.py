@@ -1,0 +1,461 @@
+"""Fused LoRA linear: ``y = x @ W.T + bias + scaling * (x @ A.T) @ B.T`` with a hand-derived backward.
+
+Shapes: ``x`` (..., K) flattened to (M, K); base weight ``W`` (N, K), dense or a 4-bit
+:class:`~slipstream.quant.QuantizedWeight` (NF4/FP4, bitsandbytes layout); ``A`` (r, K); ``B`` (N, r);
+``bias`` (N,). ``r`` is small (8-64), so everything LoRA adds is memory-bound next to the base GEMM;
+the whole design is about how few times the big (M, K) and (M, N) tensors are read and written.
+
+Forward (one autograd node instead of peft's five):
+  1. ``W`` is materialised in ``x``'s dtype into a *temporary* (a dense weight of that dtype is used
+     as is; a 4-bit one is dequantised by :mod:`slipstream.kernels.nf4`), used by one GEMM and
+     freed: a QLoRA layer never keeps a full-precision copy of its weight alive between forward and
+     backward (for a Llama-8B MLP projection that copy is 117 MB of bf16 per layer).
+  2. ``out = x @ W.T (+ bias)``: cuBLAS / hipBLAS, the bias in the GEMM epilogue.
+  3. ``xa = x @ A.T`` (M, r): one read of ``x``.
+  4. ``out += scaling * xa @ B.T``: an in-place ``addmm_`` (beta=1, alpha=scaling) instead of a
+     separate product, scale and add (peft reads/writes (M, N) three more times).
+  The ``"triton"`` base (see :data:`CONFIGS`) instead runs steps 2+4 as one Triton GEMM whose epilogue
+  adds ``xa @ (scaling * B).T`` and the bias from registers: the (M, N) output is written once.
+
+Saved for backward: ``x`` (needed by ``dA`` and a dense ``dW``), ``xa`` (M, r) and references to ``W``,
+``A`` and ``B``; never a dequantised ``W``, never (M, N) activations.
+
+Backward, with ``dY`` (M, N):
+  ``dYB = dY @ B`` (M, r)                          one read of ``dY``
+  ``dX  = dY @ W + scaling * dYB @ A``             ``W`` re-materialised into a temporary; the LoRA
+                                                   term accumulated in place (or in the Triton epilogue)
+  ``dA  = scaling * dYB.T @ x``  (r, K)            one read of ``x``
+  ``dB  = scaling * dY.T @ xa``  (N, r)            one read of ``dY``
+  ``dW  = dY.T @ x``                               only for a dense ``W`` that requires grad
+  ``dbias = sum_rows(dY)``                         only if ``bias`` requires grad
+Each product runs only when its input requires grad. Adapters may be fp32 under a bf16/fp16 ``x``
+(peft's default): the (M, ·) products run in ``x``'s dtype on tensor cores with fp32 accumulation
+(``A``/``B`` are cast, r x K and N x r elements) and the adapter gradients are returned in the
+adapter's dtype.
+
+:func:`lora_linear_group` does the same for projections that share their input (q/k/v, gate/up):
+one GEMM ``x @ cat(A_i).T`` for all LoRA down-projections, one ``dX`` LoRA term
+``dYB_all @ cat(s_i A_i)`` and one ``dA_all = dYB_all.T @ x``, so ``x`` is read once per pass
+instead of once per projection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from slipstream.kernels import nf4
+from slipstream.kernels._aot import AotUnit, ptr
+from slipstream.kernels._catalog import PortableKernel, interpreter_on
+from slipstream.quant import QuantizedWeight
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+CONFIGS: list[dict] = [
+    {"base": "cublas", "bytes": 2048, "num_warps": 4},
+    {"base": "cublas", "bytes": 4096, "num_warps": 8},
+    {"base": "triton", "bytes": 2048, "num_warps": 4, "block_m": 128, "block_n": 256, "block_k": 64,
+     "gemm_warps": 8, "stages": 3, "group_m": 8},
+    {"base": "triton", "bytes": 2048, "num_warps": 4, "block_m": 128, "block_n": 128, "block_k": 64,
+     "gemm_warps": 4, "stages": 4, "group_m": 8},
+]
+"""Tuning space. ``base``: ``"cublas"`` runs the base GEMM with the vendor BLAS and accumulates the
+LoRA term in place (``addmm_``, one extra read+write of the output); ``"triton"`` runs a Triton GEMM
+that adds the LoRA term and bias in its epilogue (output written once; wins where the vendor GEMM's
+edge is smaller than one pass over the output). ``bytes``/``num_warps``: the NF4 dequantisation kernel
+(packed bytes per program, warps). ``block_*``/``gemm_warps``/``stages``/``group_m``: the Triton GEMM."""
+
+
+# ----------------------------------------------------------------------------- Triton GEMM + LoRA epilogue
+@triton.jit
+def _gemm_lora_kernel(
+    a_ptr,  # *T (M, R) row-major, leading dim lda: x (forward) or dY (backward)
+    w_ptr,  # *T (N, K) row-major base weight, leading dim ldw
+    l_ptr,  # *T (M, RANK) row-major, leading dim ldl: xa (forward) or dY @ B (backward)
+    f_ptr,  # *T row-major, leading dim ldf: B (N, RANK) forward, A (RANK, K) backward
+    bias_ptr,  # *T (NOUT,) (HAS_BIAS only)
+    c_ptr,  # *T (M, NOUT) row-major, leading dim ldc
+    M, NOUT, R, RANK,
+    lda, ldw, ldl, ldf, ldc,
+    alpha,  # fp32 scale of the LoRA term
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    FORWARD: tl.constexpr,  # True: C = A @ W.T + L @ B.T (NOUT = N, R = K); False: C = A @ W + L @ A_lora
+    HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,  # CPU interpreter only: its tl.dot misreads bf16 operands, so feed it fp32
+):
+    """``C (+)= A @ op(W) + alpha * L @ op(F) (+ bias)``: fp32 accumulation, C stored once."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(NOUT, BLOCK_N)
+    width = GROUP_M * grid_n  # grouped ordering: GROUP_M row tiles reuse each column tile from L2
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # clamped: loads stay in bounds, stores are masked
+    cols = tl.where(offs_n < NOUT, offs_n, 0).to(tl.int64)
+    a_ptrs = a_ptr + rows[:, None] * lda + offs_k[None, :]
+    if FORWARD:  # op(W)[k, n] = W[n, k]: contiguous along k
+        b_ptrs = w_ptr + cols[None, :] * ldw + offs_k[:, None]
+        b_step = BLOCK_K
+    else:  # op(W)[k, n] = W[k, n]: contiguous along n, so masked (not clamped) to keep 16-byte loads
+        b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * ldw + offs_n[None, :]
+        b_step = BLOCK_K * ldw
+    n_in = offs_n < NOUT
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(R, BLOCK_K)):
+        k_left = R - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        if FORWARD:
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        else:
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_in[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += b_step
+
+    # LoRA term: (BLOCK_M, RANK) @ (RANK, BLOCK_N), RANK zero-padded to BLOCK_R >= 16 (the MMA minimum).
+    offs_r = tl.arange(0, BLOCK_R)
+    lo = tl.load(l_ptr + rows[:, None] * ldl + offs_r[None, :], mask=offs_r[None, :] < RANK, other=0.0)
+    if FORWARD:
+        ro = tl.load(f_ptr + cols[None, :] * ldf + offs_r[:, None], mask=offs_r[:, None] < RANK, other=0.0)
+    else:
+        ro = tl.load(f_ptr + offs_r[:, None] * ldf + offs_n[None, :],
+                     mask=(offs_r[:, None] < RANK) & n_in[None, :], other=0.0)
+    if UPCAST:
+        lo, ro = lo.to(tl.float32), ro.to(tl.float32)
+    acc += alpha * tl.dot(lo, ro)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rows[:, None] * ldc + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & n_in[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_r(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _gemm_lora(a: torch.Tensor, w: torch.Tensor, left: torch.Tensor, f: torch.Tensor, alpha: float,
+               bias: torch.Tensor | None, cfg: dict, *, forward: bool, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Forward: ``a @ w.T + alpha * left @ f.T (+ bias)`` with ``f = B`` (N, r); backward:
+    ``a @ w + alpha * left @ f`` with ``f = A`` (r, K); ``+ out`` in place when ``out`` is given.
+    Every operand is 2-D row-major (unit column stride) with any leading dimension."""
+    a, w, left, f = (_unit_stride(t) for t in (a, w, left, f))
+    m, r_dim = a.shape
+    nout = w.shape[0] if forward else w.shape[1]
+    rank = left.shape[1]
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty((m, nout), device=a.device, dtype=a.dtype)
+    if m == 0 or nout == 0:
+        return out
+    bm, bn, bk = int(cfg["block_m"]), int(cfg["block_n"]), int(cfg["block_k"])
+    grid = (triton.cdiv(m, bm) * triton.cdiv(nout, bn),)
+    _gemm_lora_kernel[grid](
+        a, w, left, f, bias if bias is not None else out, out, m, nout, r_dim, rank,
+        a.stride(0), w.stride(0), left.stride(0), f.stride(0), out.stride(0), float(alpha),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(rank), GROUP_M=int(cfg["group_m"]),
+        FORWARD=forward, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, UPCAST=interpreter_on(),
+        num_warps=int(cfg["gemm_warps"]), num_stages=int(cfg["stages"]))
+    return out
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (2-D) with unit column stride (a copy only when it has none)."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------- building blocks
+def _materialise(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, cfg: dict) -> torch.Tensor:
+    """The base weight (N, K) in ``dtype``: the tensor itself when it already is, else a temporary
+    (dequantised by the Triton kernel, or cast) that the caller drops right after its GEMM."""
+    if isinstance(weight, QuantizedWeight):
+        return nf4.dequantize(weight, dtype, config={"bytes": cfg["bytes"], "num_warps": cfg["num_warps"]})
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _base_plus_lora(x2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None,
+                    xa: torch.Tensor, b_c: torch.Tensor, scaling: float, cfg: dict) -> torch.Tensor:
+    """(M, N) ``x2 @ W.T + bias + scaling * xa @ b_c.T``, everything in ``x2``'s dtype."""
+    n = weight.shape[0]
+    if x2.shape[0] == 0:
+        return x2.new_zeros((0, n))
+    w = _materialise(weight, x2.dtype, cfg)
+    if cfg["base"] == "triton":
+        return _gemm_lora(x2, w, xa, b_c, scaling, bias, cfg, forward=True)
+    out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+    del w  # a dequantised temporary goes back to the allocator before the next GEMM
+    return out.addmm_(xa, b_c.t(), alpha=scaling)
+
+
+def _grad_input(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, left: torch.Tensor,
+                right: torch.Tensor, alpha: float, cfg: dict,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, K) ``dy2 @ W + alpha * left @ right`` (``+ out`` in place when given)."""
+    w = _materialise(weight, dy2.dtype, cfg)
+    if cfg["base"] == "triton":
+        return _gemm_lora(dy2, w, left, right, alpha, None, cfg, forward=False, out=out)
+    out = torch.mm(dy2, w) if out is None else out.addmm_(dy2, w)
+    del w
+    return out.addmm_(left, right, alpha=alpha)
+
+
+def _resolve(config: dict | None) -> dict:
+    return {**CONFIGS[0], **(config or {})}
+
+
+# ----------------------------------------------------------------------------- one projection
+class _LoraLinear(torch.autograd.Function):
+    """One projection; see the module docstring for the forward/backward passes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, bias: torch.Tensor | None, scaling: float, cfg: dict) -> torch.Tensor:
+        k = x.shape[-1]
+        n = weight.shape[0]
+        dt = x.dtype
+        x2 = _unit_stride(x.reshape(-1, k))
+        a_c, b_c = lora_a.to(dt), lora_b.to(dt)
+        bias_c = None if bias is None else bias.to(dt)
+        xa = torch.mm(x2, a_c.t())  # (M, r)
+        out = _base_plus_lora(x2, weight, bias_c, xa, b_c, scaling, cfg)
+        dense = weight if isinstance(weight, torch.Tensor) else None
+        ctx.save_for_backward(x2, xa, dense, lora_a, lora_b)
+        ctx.qweight = None if dense is not None else weight
+        ctx.scaling, ctx.cfg, ctx.x_shape = scaling, cfg, x.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x2, xa, dense, lora_a, lora_b = ctx.saved_tensors
+        weight = dense if dense is not None else ctx.qweight
+        need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
+        s, cfg, dt = ctx.scaling, ctx.cfg, x2.dtype
+        n = weight.shape[0]
+        dy2 = _unit_stride(grad.reshape(-1, n).to(dt))
+        dx = dw = da = db = dbias = None
+        if x2.shape[0] == 0:  # no rows: every gradient is zero, nothing to compute
+            dx = torch.zeros(ctx.x_shape, device=x2.device, dtype=dt) if need_x else None
+            dw = torch.zeros_like(dense) if need_w else None
+            da = torch.zeros_like(lora_a) if need_a else None
+            db = torch.zeros_like(lora_b) if need_b else None
+            dbias = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtype) if need_bias else None
+            return dx, dw, da, db, dbias, None, None
+        if need_x or need_a:
+            dyb = torch.mm(dy2, lora_b.to(dt))  # (M, r)
+            if need_x:
+                dx = _grad_input(dy2, weight, dyb, lora_a.to(dt), s, cfg).view(ctx.x_shape)
+            if need_a:
+                da = torch.mm(dyb.t(), x2).mul_(s).to(lora_a.dtype)
+        if need_b:
+            db = torch.mm(dy2.t(), xa).mul_(s).to(lora_b.dtype)
+        if need_w:
+            dw = torch.mm(dy2.t(), x2).to(dense.dtype)
+        if need_bias:
+            dbias = dy2.sum(0).to(ctx.bias_dtype)
+        return dx, dw, da, db, dbias, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor | QuantizedWeight,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias + scaling * (x @ A.T) @ B.T``; x (..., K), W (N, K) dense or 4-bit, A (r, K),
+    B (N, r), bias (N,) -> (..., N) in ``x``'s dtype.
+
+    One autograd node with a hand-derived backward; saves only ``x`` and ``xa = x @ A.T`` (M, r).
+    Differentiable in ``x``, ``A``, ``B``, ``bias`` and a dense ``W``. ``config``: one of
+    :data:`CONFIGS` (``None``: the first).
+    """
+    return _LoraLinear.apply(x, weight, lora_a, lora_b, bias, float(scaling), _resolve(config))
+
+
+# ----------------------------------------------------------------------------- projections sharing x
+class _LoraGroup(torch.autograd.Function):
+    """G projections of one input: ``y_i = x @ W_i.T + b_i + s_i * (x @ A_i.T) @ B_i.T``.
+
+    Inputs after ``(x, plan)``: G weights (dense tensors, or QuantizedWeight objects), G ``A``,
+    G ``B``, G biases (``None`` allowed)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: tuple, *tensors):
+        scalings, cfg = plan
+        g = len(scalings)
+        weights, a_s, b_s, biases = (tensors[i * g:(i + 1) * g] for i in range(4))
+        k = x.shape[-1]
+        dt = x.dtype
+        x2 = _unit_stride(x.reshape(-1, k))
+        ranks = [a.shape[0] for a in a_s]
+        a_all = torch.cat([a.to(dt) for a in a_s]) if g > 1 else a_s[0].to(dt)  # (sum r, K)
+        xa_all = torch.mm(x2, a_all.t())  # (M, sum r): one read of x for every adapter
+        outs, start = [], 0
+        for w, b, bias, s, r in zip(weights, b_s, biases, scalings, ranks, strict=True):
+            xa = xa_all[:, start:start + r]
+            start += r
+            out = _base_plus_lora(x2, w, None if bias is None else bias.to(dt), xa, b.to(dt), s, cfg)
+            outs.append(out.view(*x.shape[:-1], w.shape[0]))
+        dense = [w if isinstance(w, torch.Tensor) else None for w in weights]
+        ctx.save_for_backward(x2, xa_all, *dense, *a_s, *b_s)
+        ctx.qweights = [None if isinstance(w, torch.Tensor) else w for w in weights]
+        ctx.plan, ctx.ranks, ctx.x_shape = plan, ranks, x.shape
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        scalings, cfg = ctx.plan
+        g = len(scalings)
+        saved = ctx.saved_tensors
+        x2, xa_all = saved[:2]
+        dense, a_s, b_s = (saved[2 + i * g:2 + (i + 1) * g] for i in range(3))
+        weights = [d if d is not None else q for d, q in zip(dense, ctx.qweights, strict=True)]
+        need = ctx.needs_input_grad[2:]
+        need_w, need_a, need_b, need_bias = (need[i * g:(i + 1) * g] for i in range(4))
+        need_x = ctx.needs_input_grad[0]
+        dt, m = x2.dtype, x2.shape[0]
+        dys = [None if gr is None else _unit_stride(gr.reshape(-1, w.shape[0]).to(dt))
+               for gr, w in zip(grads, weights, strict=True)]
+        dws, das, dbs, dbiases = [None] * g, [None] * g, [None] * g, [None] * g
+        dx = None
+        live = [i for i in range(g) if dys[i] is not None and m > 0]
+        starts = [sum(ctx.ranks[:i]) for i in range(g)]
+        if live and (need_x or any(need_a)):
+            # dYB_all (M, sum r) = [s_i * dY_i @ B_i]: the LoRA part of dX and every dA in one GEMM each
+            parts = [torch.mm(dys[i], b_s[i].to(dt)).mul_(scalings[i]) if i in live
+                     else x2.new_zeros((m, ctx.ranks[i])) for i in range(g)]
+            dyb_all = torch.cat(parts, dim=1) if g > 1 else parts[0]
+            a_all = torch.cat([a.to(dt) for a in a_s]) if g > 1 else a_s[0].to(dt)
+            if need_x:
+                for j, i in enumerate(live):  # base products accumulate into one dX; LoRA term on the first
+                    dx = _grad_input(dys[i], weights[i], dyb_all, a_all, 1.0, cfg, out=dx) if j == 0 else \
+                        _accumulate_base(dx, dys[i], weights[i], cfg)
+            if any(need_a):
+                da_all = torch.mm(dyb_all.t(), x2)  # (sum r, K): one read of x for every adapter
+                for i in range(g):
+                    if need_a[i]:
+                        das[i] = da_all[starts[i]:starts[i] + ctx.ranks[i]].to(a_s[i].dtype)
+        for i in range(g):
+            dy = dys[i]
+            if need_b[i]:
+                dbs[i] = torch.zeros_like(b_s[i]) if dy is None or m == 0 else torch.mm(
+                    dy.t(), xa_all[:, starts[i]:starts[i] + ctx.ranks[i]]).mul_(scalings[i]).to(b_s[i].dtype)
+            if need_a[i] and das[i] is None:
+                das[i] = torch.zeros_like(a_s[i])
+            if need_w[i]:
+                dws[i] = torch.zeros_like(dense[i]) if dy is None or m == 0 else torch.mm(dy.t(), x2).to(
+                    dense[i].dtype)
+            if need_bias[i]:
+                n = weights[i].shape[0]
+                dbiases[i] = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtypes[i]) if dy is None else \
+                    dy.sum(0).to(ctx.bias_dtypes[i])
+        if need_x:
+            dx = torch.zeros(ctx.x_shape, device=x2.device, dtype=dt) if dx is None else dx.view(ctx.x_shape)
+        return (dx, None, *dws, *das, *dbs, *dbiases)
+
+
+def _accumulate_base(dx: torch.Tensor, dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
+                     cfg: dict) -> torch.Tensor:
+    """``dx += dy2 @ W`` in place (the second and later projections of a group)."""
+    w = _materialise(weight, dy2.dtype, cfg)
+    return dx.addmm_(dy2, w)
+
+
+def lora_linear_group(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor | QuantizedWeight],
+    lora_as: Sequence[torch.Tensor],
+    lora_bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    biases: Sequence[torch.Tensor | None] | None = None,
+    config: dict | None = None,
+) -> list[torch.Tensor]:
+    """``[lora_linear(x, W_i, A_i, B_i, s_i, bias_i) for i]`` as one autograd node (q/k/v, gate/up).
+
+    x (..., K); W_i (N_i, K); A_i (r_i, K); B_i (N_i, r_i); returns [(..., N_i)]. One GEMM
+    ``x @ cat(A_i).T`` serves every adapter; backward reads ``x`` once for every ``dA_i`` and adds
+    every LoRA term of ``dX`` with one GEMM; base products stay separate (the weights are separate
+    tensors; concatenating them would copy the weights every step).
+    """
+    g = len(weights)
+    if not (len(lora_as) == len(lora_bs) == len(scalings) == g) or g == 0:
+        raise ValueError(f"lora_linear_group: need one A, B and scaling per weight; got {g} weights, "
+                         f"{len(lora_as)} A, {len(lora_bs)} B, {len(scalings)} scalings")
+    biases = list(biases) if biases is not None else [None] * g
+    if len(biases) != g:
+        raise ValueError(f"lora_linear_group: {len(biases)} biases for {g} weights")
+    plan = (tuple(float(s) for s in scalings), _resolve(config))
+    return list(_LoraGroup.apply(x, plan, *weights, *lora_as, *lora_bs, *biases))
+
+
+# ----------------------------------------------------------------------------- registration
+def accepts(x: object, weight: object, lora_a: object, lora_b: object, scaling: float = 1.0,
+            bias: object = None) -> bool:
+    """Floating ``x`` of a supported dtype; a dense weight, or a 4-bit one whose layout the Triton
+    dequantisation handles (power-of-two blocksizes) on a device Triton runs on."""
+    if not (isinstance(x, torch.Tensor) and x.dtype in DTYPES and isinstance(lora_a, torch.Tensor)
+            and isinstance(lora_b, torch.Tensor) and lora_a.dtype in DTYPES and lora_b.dtype in DTYPES):
+        return False
+    if isinstance(weight, QuantizedWeight):
+        return nf4.supports(weight) and (weight.device.type != "cpu" or interpreter_on())
+    return isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2
+
+
+AOT_RANKS = (16,)
+
+
+def aot(config: dict, dtype: torch.dtype = torch.bfloat16) -> list[AotUnit]:
+    """Every Triton kernel ``config`` launches for ``dtype`` activations: the NF4 dequantisation
+    (its output dtypes and single/double quantisation), and for the ``"triton"`` base the fused GEMM
+    in its forward (with and without bias) and backward (with and without accumulation) forms."""
+    cfg = _resolve(config)
+    units = nf4.aot_units({"bytes": cfg["bytes"], "num_warps": cfg["num_warps"]})
+    if cfg["base"] != "triton":
+        return units
+    p = ptr(dtype)
+    signature = {"a_ptr": p, "w_ptr": p, "l_ptr": p, "f_ptr": p, "bias_ptr": p, "c_ptr": p,
+                 **dict.fromkeys(("M", "NOUT", "R", "RANK", "lda", "ldw", "ldl", "ldf", "ldc"), "i32"),
+                 "alpha": "fp32",
+                 **dict.fromkeys(("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_M", "FORWARD",
+                                  "HAS_BIAS", "ACCUMULATE", "UPCAST"), "constexpr")}
+    options = {"num_warps": int(cfg["gemm_warps"]), "num_stages": int(cfg["stages"])}
+    for rank in AOT_RANKS:
+        forms = ((True, False, False), (True, True, False), (False, False, False), (False, False, True))
+        for forward, has_bias, accumulate in forms:
+            constexprs = {"BLOCK_M": cfg["block_m"], "BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"],
+                          "BLOCK_R": _block_r(rank), "GROUP_M": cfg["group_m"], "FORWARD": forward,
+                          "HAS_BIAS": has_bias, "ACCUMULATE": accumulate, "UPCAST": False}
+            units.append(AotUnit(f"lora_gemm[{p[1:]},{'fwd' if forward else 'bwd'},bias={int(has_bias)},"
+                                 f"acc={int(accumulate)},"
+                                 f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']}]", _gemm_lora_kernel,
+                                 signature, constexprs, options))
+    return units
+
+
+KERNELS = [
+    PortableKernel(
+        op="lora_linear", name="lora_linear", fn=lora_linear, configs=CONFIGS, accepts=accepts, aot=aot,
+        description="fused LoRA linear: one autograd node, NF4 dequantised into a temporary by Triton, "
+                    "LoRA term accumulated into the base GEMM output (or its Triton epilogue)",
+    )
+]
