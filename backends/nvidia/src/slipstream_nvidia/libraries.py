@@ -19,11 +19,15 @@ def sdpa(backend: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     chosen = getattr(SDPBackend, SDPA_BACKENDS[backend])
+    native_gqa = backend == "flash"  # cuDNN and mem-efficient refuse enable_gqa: expand K/V for them
 
     def attention(q, k, v, causal=True, scale=None, sliding_window=None, softcap=None, cu_seqlens=None):
+        group = q.shape[1] // k.shape[1]
+        if group > 1 and not native_gqa:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         with sdpa_kernel([chosen]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
-                                                  enable_gqa=k.shape[1] != q.shape[1])
+                                                  enable_gqa=group > 1 and native_gqa)
 
     attention.__doc__ = f"torch SDPA, {backend} backend only"
     return attention
