@@ -165,6 +165,8 @@ def _gemm_lora(a: torch.Tensor, w: torch.Tensor, left: torch.Tensor, f: torch.Te
     if m == 0 or nout == 0:
         return out
     bm, bn, bk = int(cfg["block_m"]), int(cfg["block_n"]), int(cfg["block_k"])
+    if a.element_size() == 4:
+        bk //= 2  # fp32 tiles are twice the bytes: keep the pipelined stages inside shared memory
     grid = (triton.cdiv(m, bm) * triton.cdiv(nout, bn),)
     _gemm_lora_kernel[grid](
         a, w, left, f, bias if bias is not None else out, out, m, nout, r_dim, rank,
