@@ -34,3 +34,18 @@ def slipstream_register_kernels(registry: Registry) -> None:
     if libraries.flash_attn_available():
         registry.add("attention", f"{PREFIX}.flash_attn", libraries.flash_attn, devices=is_nvidia,
                      accepts=libraries.flash_attn_accepts, kind="vendor", description="flash-attn package")
+
+
+@hookimpl
+def slipstream_status() -> str:
+    """One line for ``slipstream doctor``: the NVIDIA GPUs this plugin serves, or why none."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        return "installed; this PyTorch is a ROCm build: install slipstream-rocm for AMD GPUs"
+    if torch.version.cuda is None:
+        return "installed; no NVIDIA GPU usable (this PyTorch is a CPU-only build: install a CUDA build of torch)"
+    if not torch.cuda.is_available():
+        return f"installed; no NVIDIA GPU visible (CUDA {torch.version.cuda} build, but no device or driver found)"
+    names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+    return f"serving {torch.cuda.device_count()} GPU(s): {', '.join(sorted(names))}"
