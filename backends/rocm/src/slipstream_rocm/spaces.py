@@ -11,8 +11,9 @@ A portable kernel ships configs tuned nowhere in particular (``num_warps``, bloc
 * kernels that use ``tl.dot`` get the family's MFMA/WMMA options: ``matrix_instr_nonkdim`` (16 or
   32 on CDNA, 16 on RDNA3/4) and ``kpack`` (2 on CDNA2/3 for fp16/bf16 operands; 1 elsewhere).
 * ``num_stages`` (if the kernel sets it) is capped at 2 where LDS is 64 KiB, 3 on CDNA4 (160 KiB).
-* configs of ``tl.dot`` kernels whose tiles (``BLOCK_M/N/K``) would not fit the family's LDS are
-  dropped (an estimate; ``ci/compile_matrix.py`` checks the compiled kernels' real LDS use).
+* ``tl.dot`` configs whose tiles (``BLOCK_M/N/K``) would not fit the family's LDS get fewer
+  pipeline stages (not below 2), or are dropped (a conservative estimate, see
+  :func:`lds_estimate`; ``ci/compile_matrix.py`` checks the compiled kernels' real LDS use).
 
 These extra keys reach the GPU only if the kernel's launcher forwards them to the Triton launch
 (``kernel[grid](..., waves_per_eu=..., matrix_instr_nonkdim=..., kpack=...)``); a launcher that
@@ -92,14 +93,29 @@ def tiles(config: dict) -> dict[str, int]:
 
 
 def lds_estimate(config: dict, dot: bool, elem_bytes: int = 2, default_stages: int = 2) -> int:
-    """Bytes of LDS a ``tl.dot`` kernel's operand tiles need under ``config``: A (M x K) and B (K x N)
-    per pipeline buffer, and AMD's stream pipeliner keeps ``num_stages - 1`` buffers in LDS.
-    0 when the config names no complete (M, N, K) tile or the kernel has no dot."""
+    """Upper bound on the LDS a ``tl.dot`` kernel's operand tiles need under ``config``: an A (M x K)
+    and a B (K x N) tile per pipeline stage. It matches what Triton allocates on gfx950 and
+    over-estimates gfx90a/gfx942 (whose stream pipeliner stages fewer buffers); the compile matrix
+    reports the real numbers. 0 when the config names no complete (M, N, K) tile or has no dot."""
     t = tiles(config)
     if not dot or len(t) < 3:
         return 0
-    buffers = max(1, int(config.get("num_stages", default_stages)) - 1)
-    return (t["m"] * t["k"] + t["k"] * t["n"]) * elem_bytes * buffers
+    stages = max(1, int(config.get("num_stages", default_stages)))
+    return (t["m"] * t["k"] + t["k"] * t["n"]) * elem_bytes * stages
+
+
+def fit_stages(config: dict, dot: bool, budget: int, min_stages: int = 2) -> dict | None:
+    """``config`` with ``num_stages`` lowered (not below ``min_stages``) until its tiles fit
+    ``budget`` bytes of LDS; ``None`` if they never do."""
+    if lds_estimate(config, dot) <= budget:
+        return config
+    stages = int(config.get("num_stages", 2))
+    while stages > min_stages:
+        stages -= 1
+        smaller = {**config, "num_stages": stages}
+        if lds_estimate(smaller, dot) <= budget:
+            return smaller
+    return None
 
 
 def _variants(base: dict, fam: AmdFamily, dot: bool) -> Iterator[dict]:
@@ -135,14 +151,19 @@ def derive(kernel: PortableKernel, info: DeviceInfo) -> list[dict]:
         return [dict(c) for c in table.get(fam.name, table.get("*", ()))]
     dot = uses_dot(kernel)
     out: list[dict] = []
+    too_big: list[dict] = []
     for base in list(kernel.configs) or [{}]:
         for cfg in _variants(dict(base), fam, dot):
-            if legal(cfg, fam) and cfg not in out:
-                out.append(cfg)
-    fitting = [c for c in out if lds_estimate(c, dot) <= fam.lds_bytes]
-    if not fitting and out:
-        fitting = [min(out, key=lambda c: lds_estimate(c, dot))]
-    return fitting
+            if not legal(cfg, fam):
+                continue
+            fitted = fit_stages(cfg, dot, fam.lds_bytes)
+            if fitted is None:
+                too_big.append(cfg)
+            elif fitted not in out:
+                out.append(fitted)
+    if not out and too_big:  # nothing fits by the estimate: keep the smallest, the matrix will judge
+        out = [min(too_big, key=lambda c: lds_estimate(c, dot))]
+    return out
 
 
 def configs_for(kernel: PortableKernel) -> Callable[[DeviceInfo], list[dict]]:

@@ -9,7 +9,8 @@ sub-group size, 16 or 32), both Triton XPU compile options:
 * other kernels: ``warp_size=32`` with the base ``num_warps`` (default GRF, plus large GRF where
   available, for register-heavy row tiles), and ``warp_size=16`` with twice the warps.
 * ``num_warps * warp_size <= 1024`` and ``num_warps`` within the Xe-core's hardware threads
-  (64, or 32 in large-GRF mode); ``tl.dot`` configs whose tiles would overflow SLM are dropped.
+  (64, or 32 in large-GRF mode); ``tl.dot`` configs whose tiles would overflow SLM get fewer
+  pipeline stages (not below 2) or are dropped.
 
 ``SPACES`` holds hand-written per-kernel tables that replace the derived space on a family.
 """
@@ -70,9 +71,9 @@ def uses_dot(kernel: PortableKernel) -> bool:
 
 
 def slm_estimate(config: dict, dot: bool, elem_bytes: int = 2) -> int:
-    """Bytes of SLM the operand tiles of a ``tl.dot`` kernel may need (A and B tiles per stage);
-    0 when the config names no complete (M, N, K) tile. Intel's pipeliner prefetches into
-    registers/cache, so this bound is loose: it only drops clearly oversized tiles."""
+    """Upper bound on the SLM a ``tl.dot`` kernel's operand tiles may need: an A and a B tile per
+    pipeline stage (Intel's 2D block loads often bypass SLM entirely, so this only drops clearly
+    oversized tiles). 0 when the config names no complete (M, N, K) tile or has no dot."""
     t = {}
     for key, value in config.items():
         for axis, pattern in _TILE_KEYS.items():
@@ -80,7 +81,19 @@ def slm_estimate(config: dict, dot: bool, elem_bytes: int = 2) -> int:
                 t[axis] = value
     if not dot or len(t) < 3:
         return 0
-    return (t["m"] * t["k"] + t["k"] * t["n"]) * elem_bytes
+    return (t["m"] * t["k"] + t["k"] * t["n"]) * elem_bytes * max(1, int(config.get("num_stages", 2)))
+
+
+def fit_stages(config: dict, dot: bool, budget: int, min_stages: int = 2) -> dict | None:
+    """``config`` with ``num_stages`` lowered (not below ``min_stages``) until it fits ``budget``."""
+    if slm_estimate(config, dot) <= budget:
+        return config
+    stages = int(config.get("num_stages", 2))
+    while stages > min_stages:
+        stages -= 1
+        if slm_estimate({**config, "num_stages": stages}, dot) <= budget:
+            return {**config, "num_stages": stages}
+    return None
 
 
 def legal(config: dict, fam: IntelFamily) -> bool:
@@ -120,15 +133,20 @@ def derive(kernel: PortableKernel, info: DeviceInfo) -> list[dict]:
         return [dict(c) for c in table.get(fam.name, table.get("*", ()))]
     dot = uses_dot(kernel)
     out: list[dict] = []
+    too_big: list[dict] = []
     for base in list(kernel.configs) or [{}]:
         for cfg in _variants(dict(base), fam, dot):
             cfg = _clamp(cfg, fam)
-            if legal(cfg, fam) and cfg not in out:
-                out.append(cfg)
-    fitting = [c for c in out if slm_estimate(c, dot) <= fam.slm_bytes]
-    if not fitting and out:
-        fitting = [min(out, key=lambda c: slm_estimate(c, dot))]
-    return fitting
+            if not legal(cfg, fam):
+                continue
+            fitted = fit_stages(cfg, dot, fam.slm_bytes)
+            if fitted is None:
+                too_big.append(cfg)
+            elif fitted not in out:
+                out.append(fitted)
+    if not out and too_big:
+        out = [min(too_big, key=lambda c: slm_estimate(c, dot))]
+    return out
 
 
 def configs_for(kernel: PortableKernel) -> Callable[[DeviceInfo], list[dict]]:
