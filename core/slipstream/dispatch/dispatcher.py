@@ -181,7 +181,7 @@ class Dispatcher:
             if fn is not None:
                 return fn
             started = time.perf_counter()
-            decision, fn = self._choose(spec, key, args)
+            decision, fn = _in_clean_thread(self._choose, spec, key, args)
             decision.seconds = time.perf_counter() - started
             self.tuning_seconds += decision.seconds
             self._decisions[key] = decision
@@ -317,6 +317,30 @@ class Dispatcher:
     def key_text(key: Hashable, info: DeviceInfo) -> str:
         parts = [info.key if isinstance(p, torch.device) else str(p).removeprefix("torch.") for p in key]
         return "|".join(parts)
+
+
+def _in_clean_thread(fn: Callable, *args: object) -> object:
+    """Run ``fn`` on a fresh thread and return its result (re-raising its exception).
+
+    Deciding runs extra forward/backward passes. Autograd's saved-tensor hooks (activation
+    checkpointing, offloading), grad mode, autocast and dispatch modes are thread-local, so a
+    fresh thread keeps those passes invisible to whatever context the training step is in.
+    """
+    result: list[object] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(fn(*args))
+        except BaseException as exc:  # re-raised on the caller's thread
+            error.append(exc)
+
+    worker = threading.Thread(target=target, name="slipstream-tune", daemon=True)
+    worker.start()
+    worker.join()
+    if error:
+        raise error[0]
+    return result[0]
 
 
 @contextmanager

@@ -1,0 +1,138 @@
+"""W8B: the side-by-side LoRA training workload, slipstream's side.
+
+Llama-3.1-8B-shaped model with random weights, LoRA r=16 on all 7 projections, batch 2 x 2048,
+AdamW; bf16 or NF4 base. One JSON line per run with tokens/s (median step after warm-up, which
+also covers the dispatcher's one-time tuning) and peak GiB (allocated, reset after loading).
+The peers (transformers + peft, Liger-Kernel) run through ../shared/peers/gpu_baseline.py, one
+system per process, on the same GPU (see run_all.sh).
+
+    python benchmarks/train/w8b.py --base bf16 --checkpointing true
+    python benchmarks/train/w8b.py --shape tiny --device cpu      # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+
+SHAPES = {
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      max_position_embeddings=131072),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, max_position_embeddings=512),
+}
+
+
+def quantize_to_nf4(model: torch.nn.Module, device: str) -> None:
+    """Replace the decoder's Linear layers by bitsandbytes NF4 Linear4bit (double quantised)."""
+    import bitsandbytes as bnb
+
+    for _, module in list(model.model.layers.named_modules()):
+        for cname, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                      device="cpu")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+                setattr(module, cname, q.to(device))
+    torch.cuda.empty_cache()
+
+
+def build(shape: str, base: str, checkpointing: object, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slipstream import FastModel
+
+    cfg = LlamaConfig(**SHAPES[shape])
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device != "cpu" else torch.float32
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    if base == "nf4":
+        quantize_to_nf4(model, device)
+    model = FastModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+                                     gradient_checkpointing=checkpointing)
+    return model, cfg
+
+
+def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps: int, warm: int,
+        device: str) -> dict:
+    model, cfg = build(shape, base, checkpointing, device)
+    model.train()
+    gc.collect()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(1)
+    times, losses = [], []
+    tune_s = 0.0
+    for i in range(warm + steps):
+        ids = torch.randint(0, cfg.vocab_size, (bsz, seq), device=device, generator=gen)
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warm:
+            times.append(time.perf_counter() - t)
+        elif i == 0:
+            tune_s = time.perf_counter() - t
+        losses.append(out.loss.item())
+        if i == warm - 1 and cuda:
+            torch.cuda.reset_peak_memory_stats()  # the tuner's scratch inputs are not training memory
+    times.sort()
+    med = times[len(times) // 2]
+    from slipstream import explain
+
+    chosen = {}
+    for d in explain():
+        chosen.setdefault(d.op, set()).add(d.chosen)
+    return dict(system="slipstream", shape=shape, base=base, checkpointing=str(checkpointing), bsz=bsz, seq=seq,
+                step_s=round(med, 4), tok_s=round(bsz * seq / med),
+                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                first_step_s=round(tune_s, 1), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
+                chosen={k: sorted(v) for k, v in chosen.items()},
+                device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                date=time.strftime("%Y-%m-%d"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    ap.add_argument("--base", default="bf16", choices=("bf16", "nf4"))
+    ap.add_argument("--checkpointing", default="true", help="false | true | offload | auto")
+    ap.add_argument("--bsz", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warm", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    policy = {"true": True, "false": False}.get(a.checkpointing.lower(), a.checkpointing)
+    try:
+        result = run(a.shape, a.base, policy, a.bsz, a.seq, a.steps, a.warm, a.device)
+    except Exception as exc:  # one failing configuration must not hide the others' numbers
+        import traceback
+
+        traceback.print_exc()
+        result = dict(system="slipstream", shape=a.shape, base=a.base, checkpointing=a.checkpointing,
+                      error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
