@@ -345,6 +345,12 @@ def plan(args) -> tuple[list[Row], list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------- main
+def _progress(args, done: int, total: int, started: float) -> None:
+    if args.progress and (done % 25 == 0 or done == total):
+        elapsed = time.perf_counter() - started
+        print(f"  {done}/{total} compiled, {elapsed:.0f} s", file=sys.stderr, flush=True)
+
+
 def run(args) -> int:
     started = time.perf_counter()
     cache = None
@@ -380,9 +386,11 @@ def run(args) -> int:
             with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
                 for i, res in zip(todo, pool.map(compile_one, todo, chunksize=1), strict=True):
                     results[i] = res
+                    _progress(args, len(results), len(todo), started)
         else:
             for i in todo:
                 results[i] = compile_one(i)
+                _progress(args, len(results), len(todo), started)
     compiled_s = time.perf_counter() - started
     import resource
 
@@ -453,6 +461,7 @@ def parse(argv: Sequence[str] | None = None):
     p.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1, help="parallel compile processes")
     p.add_argument("--json", help="write every row and unit result here")
     p.add_argument("--dry-run", action="store_true", help="plan only: count rows and unique compilations")
+    p.add_argument("--progress", action="store_true", help="report progress on stderr")
     p.add_argument("--extra-kernels", action="append", default=[],
                    help="MODULE[:ATTR] with a list of PortableKernel to compile too (default ATTR: KERNELS)")
     p.add_argument("--cache-dir", help="Triton cache to use (default: a fresh temporary one: cold runs)")

@@ -41,13 +41,13 @@ def test_amd_space_is_legal(kernel, family):
     fam = AMD_FAMILIES[family]
     configs = amd.configs_for(kernel)(amd_device(family))
     assert configs, f"{kernel.name}: empty space on {family}"
-    dot = amd.uses_dot(kernel)
     for cfg in configs:
-        nw = cfg.get("num_warps", 4)
-        assert nw & (nw - 1) == 0 and nw * fam.wave <= 1024, cfg
+        dot = "matrix_instr_nonkdim" in cfg
+        for key in amd.warp_keys(cfg):
+            assert cfg[key] & (cfg[key] - 1) == 0 and cfg[key] * fam.wave <= 1024, cfg
         assert "waves_per_eu" in cfg
-        assert cfg.get("num_stages", 2) <= fam.max_stages
-        assert amd.lds_estimate(cfg, dot) <= fam.lds_bytes or len(configs) == 1, cfg
+        assert all(cfg[k] <= fam.max_stages for k in amd.stage_keys(cfg))
+        assert amd.lds_estimate(cfg, dot, fam) <= fam.lds_bytes or len(configs) == 1, cfg
         if dot:
             assert cfg["matrix_instr_nonkdim"] in (0, 16, 32)
             if family.startswith("rdna"):
@@ -64,14 +64,15 @@ def test_intel_space_is_legal(kernel, family):
     fam = INTEL_FAMILIES[family]
     configs = intel.configs_for(kernel)(intel_device(family))
     assert configs, f"{kernel.name}: empty space on {family}"
-    dot = intel.uses_dot(kernel)
     for cfg in configs:
-        nw, ws = cfg["num_warps"], cfg["warp_size"]
-        assert nw & (nw - 1) == 0 and nw * ws <= 1024 and ws in fam.sub_groups, cfg
-        assert cfg["grf_mode"] in ("default", "large")
-        assert nw <= fam.max_warps(cfg["grf_mode"]), cfg
+        ws = cfg["warp_size"]
+        dot = intel.uses_dot(kernel, {k: v for k, v in cfg.items() if k not in ("warp_size", "grf_mode")})
+        assert ws in fam.sub_groups and cfg["grf_mode"] in ("default", "large"), cfg
+        for key in intel.warp_keys(cfg):
+            nw = cfg[key]
+            assert nw & (nw - 1) == 0 and nw * ws <= 1024 and nw <= fam.max_warps(cfg["grf_mode"]), cfg
         if cfg["grf_mode"] == "large":
-            assert fam.large_grf and nw <= 32
+            assert fam.large_grf
         if dot:
             assert ws == 16
         assert intel.slm_estimate(cfg, dot) <= fam.slm_bytes or len(configs) == 1, cfg
@@ -84,13 +85,20 @@ def test_uses_dot_reads_the_kernel_source():
 
 
 def test_lds_estimate():
-    cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_stages": 2}
-    assert amd.lds_estimate(cfg, dot=True) == (128 * 64 * 2) * 2 * 2
+    from slipstream_rocm.families import FAMILIES
+
+    cdna3, cdna4 = FAMILIES["cdna3"], FAMILIES["cdna4"]
+    cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_stages": 3}
+    tile = (128 * 64 * 2) * 2  # A and B tiles, bf16
+    assert amd.lds_estimate(cfg, True, cdna3) == tile * 2  # stages - 1 buffers (stream pipeliner)
+    assert amd.lds_estimate(cfg, True, cdna4) == tile * 3  # one buffer per stage on gfx950
     assert amd.lds_estimate(cfg, dot=False) == 0
     assert amd.lds_estimate({"block": 4096}, dot=True) == 0
-    assert amd.fit_stages({**cfg, "BLOCK_M": 256, "BLOCK_N": 256, "num_stages": 3}, True, 160 * 1024) == {
-        **cfg, "BLOCK_M": 256, "BLOCK_N": 256, "num_stages": 2}
-    assert amd.fit_stages({**cfg, "BLOCK_M": 256, "BLOCK_N": 256}, True, 64 * 1024) is None
+    assert amd.lds_estimate({"block_m": 128, "block_n": 256, "block_k": 64, "stages": 3}, True, cdna3) == \
+        (128 * 64 + 64 * 256) * 2 * 2
+    big = {"BLOCK_M": 512, "BLOCK_N": 128, "BLOCK_K": 64, "num_stages": 3}
+    assert amd.fit_stages(big, True, cdna4.lds_bytes, cdna4) == {**big, "num_stages": 2}
+    assert amd.fit_stages(big, True, cdna3.lds_bytes, cdna3) is None
 
 
 def test_hand_written_table_replaces_the_derived_space(monkeypatch):

@@ -27,6 +27,9 @@ class AmdFamily:
     dot_variants: tuple[tuple[int, int, int], ...] = ((0, 1, 0),)
     """``(matrix_instr_nonkdim, kpack, waves_per_eu)`` per variant; nonkdim 0 = Triton's choice."""
     matrix_cores: str = ""
+    lds_stage_offset: int = -1
+    """LDS operand buffers = ``num_stages + lds_stage_offset`` (Triton 3.9: stages - 1 through the
+    stream pipeliner on gfx9/gfx11/gfx12, one per stage on gfx950)."""
 
     @property
     def max_warps(self) -> int:
@@ -45,7 +48,8 @@ FAMILIES: dict[str, AmdFamily] = {
     "cdna1": AmdFamily("cdna1", 64, 64 * KIB, dot_variants=_CDNA_DOT, matrix_cores="MFMA"),
     "cdna2": AmdFamily("cdna2", 64, 64 * KIB, dot_variants=_CDNA_DOT, matrix_cores="MFMA"),
     "cdna3": AmdFamily("cdna3", 64, 64 * KIB, dot_variants=_CDNA_DOT, matrix_cores="MFMA"),
-    "cdna4": AmdFamily("cdna4", 64, 160 * KIB, max_stages=3, dot_variants=_CDNA4_DOT, matrix_cores="MFMA"),
+    "cdna4": AmdFamily("cdna4", 64, 160 * KIB, max_stages=3, dot_variants=_CDNA4_DOT, matrix_cores="MFMA",
+                       lds_stage_offset=0),
     "gcn5": AmdFamily("gcn5", 64, 64 * KIB),
     "rdna1": AmdFamily("rdna1", 32, 64 * KIB),
     "rdna2": AmdFamily("rdna2", 32, 64 * KIB),

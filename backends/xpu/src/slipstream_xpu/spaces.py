@@ -3,14 +3,15 @@
 Every Intel config carries ``grf_mode`` (``"default"`` or ``"large"``) and ``warp_size`` (the
 sub-group size, 16 or 32), both Triton XPU compile options:
 
-* kernels with ``tl.dot`` run on DPAS (XMX) with 16-wide sub-groups: ``warp_size=16`` and twice
-  the base config's ``num_warps`` (the same work-items), with ``grf_mode`` ``"default"`` and, where
-  the hardware has it (Max, Xe2), ``"large"`` (needs ``num_warps <= 32``).
-* other kernels: ``warp_size=32`` with the base ``num_warps`` (default GRF, plus large GRF where
+* configs that launch a ``tl.dot`` kernel run on DPAS (XMX) with 16-wide sub-groups:
+  ``warp_size=16`` and twice the base config's warp counts (the same work-items), with
+  ``grf_mode`` ``"default"`` and, where the hardware has it (Max, Xe2), ``"large"``.
+* other configs: ``warp_size=32`` with the base warp counts (default GRF, plus large GRF where
   available, for register-heavy row tiles), and ``warp_size=16`` with twice the warps.
-* ``num_warps * warp_size <= 1024`` and ``num_warps`` within the Xe-core's hardware threads
-  (64, or 32 in large-GRF mode); ``tl.dot`` configs whose tiles would overflow SLM get fewer
-  pipeline stages (not below 2) or are dropped.
+* every warp count (any ``*warps`` key: ``num_warps``, ``bwd_num_warps``, ``gemm_warps``) obeys
+  ``warps * warp_size <= 1024`` and the Xe-core's hardware threads (64, or 32 in large-GRF mode),
+  halved until it does; ``tl.dot`` configs whose tiles would overflow SLM get fewer pipeline
+  stages (any ``*stages`` key, not below 2) or are dropped.
 
 ``SPACES`` holds hand-written per-kernel tables that replace the derived space on a family.
 """
@@ -39,7 +40,11 @@ _TILE_KEYS = {
     "n": re.compile(r"^(block_?(size_?)?n|bn|tile_n)$", re.IGNORECASE),
     "k": re.compile(r"^(block_?(size_?)?k|bk|tile_k)$", re.IGNORECASE),
 }
-_dot_cache: dict[int, bool] = {}
+WARP_KEY = re.compile(r"(^|_)warps$")
+STAGE_KEY = re.compile(r"(^|_)stages$")
+_DOT = re.compile(r"\btl\.dot(_scaled)?\s*\(")
+_CALL = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
+_dot_cache: dict[tuple, bool] = {}
 
 
 def _source(fn: object) -> str:
@@ -52,22 +57,49 @@ def _source(fn: object) -> str:
         return ""
 
 
-def uses_dot(kernel: PortableKernel) -> bool:
-    """Does ``kernel`` launch a Triton kernel with ``tl.dot``? (tags, else its ``aot`` sources, else op)"""
-    key = id(kernel.fn)
+def jit_has_dot(fn: object, seen: set[int] | None = None) -> bool:
+    """Does the jit function ``fn``, or a jit function it calls (transitively), use ``tl.dot``?"""
+    seen = set() if seen is None else seen
+    seen.add(id(fn))
+    src = _source(fn)
+    if _DOT.search(src):
+        return True
+    scope = getattr(getattr(fn, "fn", fn), "__globals__", {})
+    for name in set(_CALL.findall(src)):
+        callee = scope.get(name)
+        if (callee is not None and id(callee) not in seen and type(callee).__module__.startswith("triton")
+                and hasattr(callee, "fn") and jit_has_dot(callee, seen)):
+            return True
+    return False
+
+
+def uses_dot(kernel: PortableKernel, config: dict | None = None) -> bool:
+    """Does ``kernel`` under ``config`` (any config if ``None``) launch a ``tl.dot`` kernel? Read
+    from its ``aot(config)`` jit functions and their callees, else its tags, else its op."""
+    if config is None:
+        return any(uses_dot(kernel, dict(c)) for c in kernel.configs) if kernel.configs else \
+            kernel.op in DOT_OPS
+    key = (id(kernel.fn), repr(sorted(config.items(), key=lambda kv: str(kv[0]))))
     if key in _dot_cache:
         return _dot_cache[key]
-    found: bool | None = True if DOT_TAGS & {t.lower() for t in kernel.tags} else None
-    if found is None and kernel.aot is not None and kernel.configs:
+    found: bool | None = None
+    if kernel.aot is not None:
         try:
-            found = any(re.search(r"\btl\.dot(_scaled)?\s*\(", _source(u.fn))
-                        for u in kernel.aot(dict(kernel.configs[0])))
+            found = any(jit_has_dot(u.fn) for u in kernel.aot(dict(config)))
         except Exception:
             found = None
     if found is None:
-        found = kernel.op in DOT_OPS
+        found = bool(DOT_TAGS & {t.lower() for t in kernel.tags}) or kernel.op in DOT_OPS
     _dot_cache[key] = found
     return found
+
+
+def warp_keys(config: dict) -> list[str]:
+    return [k for k, v in config.items() if WARP_KEY.search(str(k)) and isinstance(v, int)]
+
+
+def stage_keys(config: dict) -> list[str]:
+    return [k for k, v in config.items() if STAGE_KEY.search(str(k)) and isinstance(v, int)]
 
 
 def slm_estimate(config: dict, dot: bool, elem_bytes: int = 2) -> int:
@@ -81,48 +113,56 @@ def slm_estimate(config: dict, dot: bool, elem_bytes: int = 2) -> int:
                 t[axis] = value
     if not dot or len(t) < 3:
         return 0
-    return (t["m"] * t["k"] + t["k"] * t["n"]) * elem_bytes * max(1, int(config.get("num_stages", 2)))
+    stages = max([int(config[k]) for k in stage_keys(config)] or [2])
+    return (t["m"] * t["k"] + t["k"] * t["n"]) * elem_bytes * max(1, stages)
 
 
 def fit_stages(config: dict, dot: bool, budget: int, min_stages: int = 2) -> dict | None:
-    """``config`` with ``num_stages`` lowered (not below ``min_stages``) until it fits ``budget``."""
+    """``config`` with its stage counts lowered (not below ``min_stages``) until it fits ``budget``."""
     if slm_estimate(config, dot) <= budget:
         return config
-    stages = int(config.get("num_stages", 2))
-    while stages > min_stages:
-        stages -= 1
-        if slm_estimate({**config, "num_stages": stages}, dot) <= budget:
-            return {**config, "num_stages": stages}
+    keys = stage_keys(config)
+    top = max([int(config[k]) for k in keys] or [2])
+    for stages in range(top - 1, min_stages - 1, -1):
+        smaller = {**config, **{k: min(int(config[k]), stages) for k in keys}}
+        if slm_estimate(smaller, dot) <= budget:
+            return smaller
     return None
 
 
 def legal(config: dict, fam: IntelFamily) -> bool:
-    nw, ws = int(config.get("num_warps", 4)), int(config.get("warp_size", 32))
+    ws = int(config.get("warp_size", 32))
     grf = config.get("grf_mode", "default")
-    if nw < 1 or nw & (nw - 1) or ws not in fam.sub_groups:
+    if ws not in fam.sub_groups or (grf == "large" and not fam.large_grf):
         return False
-    if grf == "large" and not fam.large_grf:
-        return False
-    return nw * ws <= fam.max_work_items and nw <= fam.max_warps(grf)
+    for key in warp_keys(config) or ["num_warps"]:
+        nw = int(config.get(key, 4))
+        if nw < 1 or nw & (nw - 1) or nw * ws > fam.max_work_items or nw > fam.max_warps(grf):
+            return False
+    return True
+
+
+def _scaled(base: dict, factor: int) -> dict:
+    return {**base, **{k: int(base[k]) * factor for k in warp_keys(base)}}
 
 
 def _variants(base: dict, fam: IntelFamily, dot: bool) -> Iterator[dict]:
-    nw = int(base.get("num_warps", 4))
     grfs = ("default", "large") if fam.large_grf else ("default",)
-    if dot:
+    if dot:  # DPAS: 16-wide sub-groups, twice the warps for the same work-items
         for grf in grfs:
-            yield {**base, "num_warps": nw * 2, "warp_size": 16, "grf_mode": grf}
+            yield {**_scaled(base, 2), "warp_size": 16, "grf_mode": grf}
         return
     for grf in grfs:
-        yield {**base, "num_warps": nw, "warp_size": 32, "grf_mode": grf}
-    yield {**base, "num_warps": nw * 2, "warp_size": 16, "grf_mode": "default"}
+        yield {**base, "warp_size": 32, "grf_mode": grf}
+    yield {**_scaled(base, 2), "warp_size": 16, "grf_mode": "default"}
 
 
 def _clamp(config: dict, fam: IntelFamily) -> dict:
-    """Shrink ``num_warps`` (keeping a power of two) until the config fits the work-group limits."""
+    """Halve warp counts (keeping powers of two) until the config fits the work-group limits."""
     out = dict(config)
-    while out["num_warps"] > 1 and not legal(out, fam):
-        out["num_warps"] //= 2
+    keys = warp_keys(out)
+    while not legal(out, fam) and any(out[k] > 1 for k in keys):
+        out.update({k: max(1, out[k] // 2) for k in keys})
     return out
 
 
@@ -131,21 +171,21 @@ def derive(kernel: PortableKernel, info: DeviceInfo) -> list[dict]:
     table = SPACES.get(kernel.name)
     if table is not None and (fam.name in table or "*" in table):
         return [dict(c) for c in table.get(fam.name, table.get("*", ()))]
-    dot = uses_dot(kernel)
     out: list[dict] = []
-    too_big: list[dict] = []
+    too_big: list[tuple[int, dict]] = []
     for base in list(kernel.configs) or [{}]:
+        dot = uses_dot(kernel, dict(base))
         for cfg in _variants(dict(base), fam, dot):
             cfg = _clamp(cfg, fam)
             if not legal(cfg, fam):
                 continue
             fitted = fit_stages(cfg, dot, fam.slm_bytes)
             if fitted is None:
-                too_big.append(cfg)
+                too_big.append((slm_estimate(cfg, dot), cfg))
             elif fitted not in out:
                 out.append(fitted)
     if not out and too_big:
-        out = [min(too_big, key=lambda c: slm_estimate(c, dot))]
+        out = [min(too_big, key=lambda pair: pair[0])[1]]
     return out
 
 
