@@ -1,0 +1,165 @@
+"""peft LoRA layers -> ``ops.lora_linear`` (instance-level forward override on peft's layer types).
+
+Mapped layer types: ``peft.tuners.lora.Linear`` over a dense ``nn.Linear``, and
+``peft.tuners.lora.bnb.Linear4bit`` over a bitsandbytes ``Linear4bit`` (its ``Params4bit`` is
+wrapped, without copying, as a :class:`slipstream.quant.QuantizedWeight`, cached per weight).
+
+A layer is accelerated when, at :func:`slipstream.models.accelerate` time, exactly one adapter is
+active, it is not merged, its dropout is the identity (``lora_dropout=0``), it is plain LoRA (no
+DoRA or other variant, no ``lora_bias``) and ``fan_in_fan_out`` is off; otherwise peft's forward is
+kept and the report says why. Things that can change later are checked on every call (cheap
+attribute reads): if the layer has since been merged, adapters were disabled
+(``with model.disable_adapter():``), the active adapter set changed or extra arguments
+(``adapter_names=`` mixed batches) are passed, that call runs peft's own forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from slipstream import ops
+from slipstream.models.base import Build, instance_forward_reason
+from slipstream.quant import QuantizedWeight
+
+
+@dataclass
+class LoraState:
+    quantized: bool
+    transposed: bool = False  # transformers' Conv1D (GPT-2): weight stored (in, out)
+    cache: tuple | None = None  # (param, data_ptr, QuantizedWeight)
+
+
+def lora_types() -> tuple[type | None, type | None, type | None]:
+    """``(LoraLayer, lora.Linear, lora.bnb.Linear4bit)``; ``None`` for what isn't importable."""
+    try:
+        from peft.tuners.lora import Linear, LoraLayer
+    except ImportError:
+        return None, None, None
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except (ImportError, AttributeError):
+        Linear4bit = None  # noqa: N806
+    return LoraLayer, Linear, Linear4bit
+
+
+def bnb_linear4bit() -> type | None:
+    try:
+        import bitsandbytes as bnb
+    except Exception:  # noqa: BLE001 - a broken bitsandbytes install only disables 4-bit mapping
+        return None
+    return getattr(bnb.nn, "Linear4bit", None)
+
+
+def is_conv1d(base: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``x @ W + b`` with ``W`` (in, out), i.e. a transposed Linear."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return False
+    return type(base) is Conv1D
+
+
+def is_identity(dropout: nn.Module) -> bool:
+    return isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and dropout.p == 0)
+
+
+def adapter_reason(layer: nn.Module) -> tuple[str | None, str]:
+    """``(adapter name, "")`` if the fast path applies to ``layer`` now, else ``(None, why)``."""
+    if layer.disable_adapters:
+        return None, "adapters are disabled"
+    if layer.merged:
+        return None, "the adapter is merged into the base weight"
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None, f"{len(active)} active adapters (ops.lora_linear takes exactly one)"
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
+        return None, "DoRA / a LoRA variant is used"
+    if not is_identity(layer.lora_dropout[name]):
+        return None, f"lora_dropout p={getattr(layer.lora_dropout[name], 'p', '?')} > 0"
+    if getattr(layer.lora_B[name], "bias", None) is not None:
+        return None, "lora_bias=True"
+    if not getattr(layer, "cast_input_dtype_enabled", True):
+        return None, "peft's input dtype casting is disabled"
+    return name, ""
+
+
+def base_weight(layer: nn.Module, base: nn.Module) -> torch.Tensor | QuantizedWeight | None:
+    state: LoraState = layer._slipstream
+    if not state.quantized:
+        return base.weight.t() if state.transposed else base.weight
+    param = base.weight
+    cached = state.cache
+    if cached is not None and cached[0] is param and cached[1] == param.data_ptr():
+        return cached[2]
+    if getattr(param, "quant_state", None) is None:
+        return None  # not quantised yet (still on the CPU before .cuda()): peft's path
+    qw = QuantizedWeight.from_bnb(param)
+    state.cache = (param, param.data_ptr(), qw)
+    return qw
+
+
+def lora_forward(self: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    if not args and not kwargs:
+        name, _ = adapter_reason(self)
+        if name is not None:
+            base = self.get_base_layer()
+            weight = base_weight(self, base)
+            if weight is not None:
+                return ops.lora_linear(
+                    x,
+                    weight,
+                    self.lora_A[name].weight,
+                    self.lora_B[name].weight,
+                    float(self.scaling[name]),
+                    base.bias,
+                )
+    return type(self).forward(self, x, *args, **kwargs)
+
+
+def apply(build: Build) -> None:
+    lora_layer, dense_cls, q4_cls = lora_types()
+    if lora_layer is None:
+        return
+    bnb4 = bnb_linear4bit()
+    for module in list(build.model.modules()):
+        if not isinstance(module, lora_layer):
+            continue
+        base = module.get_base_layer()
+        kind = type(module)
+        transposed = False
+        if kind is dense_cls and isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward:
+            quantized = False
+        elif kind is dense_cls and is_conv1d(base):
+            quantized, transposed = False, True
+        elif q4_cls is not None and kind is q4_cls and bnb4 is not None and isinstance(base, bnb4):
+            quantized = True
+        else:
+            build.skip(
+                module,
+                "lora_linear",
+                f"peft layer lora.{kind.__name__} over {type(base).__name__} has no ops.lora_linear mapping",
+            )
+            continue
+        if getattr(module, "fan_in_fan_out", False) != transposed:
+            build.skip(
+                module,
+                "lora_linear",
+                f"fan_in_fan_out={not transposed} does not match the {type(base).__name__} base layer",
+            )
+            continue
+        name, reason = adapter_reason(module)
+        if name is None:
+            build.skip(module, "lora_linear", reason)
+            continue
+        reason = instance_forward_reason(module)
+        if reason:
+            build.skip(module, "lora_linear", reason)
+            continue
+        build.set_forward(module, lora_forward, LoraState(quantized, transposed))
+        r = module.lora_A[name].weight.shape[0]
+        base_kind = "NF4/FP4 base" if quantized else ("Conv1D base (W.T)" if transposed else "dense base")
+        build.ok(module, "lora_linear", f"adapter {name!r}, r={r}, {base_kind}")
