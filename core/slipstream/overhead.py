@@ -7,13 +7,19 @@ import time
 import torch
 
 
-def _per_call_us(fn, args: tuple, calls: int, repeats: int = 5) -> float:
-    best = float("inf")
+def _per_call_us(fn, args: tuple, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(*args)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def _interleaved_best(fns: list, args: tuple, calls: int, repeats: int = 7) -> list[float]:
+    """Best per-call time of each function, runs interleaved so a load spike hits all alike."""
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn(*args)
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], _per_call_us(fn, args, calls))
     return best
 
 
@@ -21,7 +27,7 @@ def measure_overhead(rows: int = 4, hidden: int = 64, calls: int = 20000) -> dic
     """Microseconds per ``slipstream.ops.rms_norm`` call vs calling the chosen implementation directly.
 
     CPU tensors under ``torch.no_grad``, so the difference is the dispatcher's own work: validating
-    the arguments into a key, one dict lookup, one indirect call. Best of 5 runs of ``calls`` calls.
+    the arguments into a key, one dict lookup, one indirect call. Best of 7 interleaved runs.
     """
     from slipstream import ops
     from slipstream.dispatch import dispatcher
@@ -33,8 +39,7 @@ def measure_overhead(rows: int = 4, hidden: int = 64, calls: int = 20000) -> dic
     with torch.no_grad():
         ops.rms_norm(*args)  # decide once
         chosen = dispatcher()._table[spec.check(args)]
-        direct = _per_call_us(chosen, args, calls)
-        dispatched = _per_call_us(ops.rms_norm, args, calls)
-        check_only = _per_call_us(lambda *a: spec.check(a), args, calls)
+        direct, dispatched, check_only = _interleaved_best(
+            [chosen, ops.rms_norm, lambda *a: spec.check(a)], args, max(1, calls // 7))
     return {"direct_us": direct, "dispatched_us": dispatched, "overhead_us": dispatched - direct,
             "check_and_key_us": check_only, "chosen": dispatcher().decisions("rms_norm")[-1].chosen}
