@@ -30,16 +30,19 @@ def measure_overhead(rows: int = 4, hidden: int = 64, calls: int = 20000) -> dic
     the arguments into a key, one dict lookup, one indirect call. Best of 7 interleaved runs.
     """
     from slipstream import ops
-    from slipstream.dispatch import dispatcher
+    from slipstream.dispatch import dispatcher, forced
     from slipstream.ops import SPECS
 
     spec = SPECS["rms_norm"]
     x, w = torch.randn(rows, hidden), torch.randn(hidden)
     args = (x, w, 1e-6, 0.0)
-    with torch.no_grad():
+    # The reference is pinned so the measured function is the same everywhere (under Triton's CPU
+    # interpreter a kernel would cost milliseconds and drown the microseconds being measured).
+    with torch.no_grad(), forced("rms_norm", "reference.rms_norm"):
         ops.rms_norm(*args)  # decide once
         chosen = dispatcher()._table[spec.check(args)]
         direct, dispatched, check_only = _interleaved_best(
             [chosen, ops.rms_norm, lambda *a: spec.check(a)], args, max(1, calls // 7))
+        label = dispatcher().decisions("rms_norm")[-1].chosen
     return {"direct_us": direct, "dispatched_us": dispatched, "overhead_us": dispatched - direct,
-            "check_and_key_us": check_only, "chosen": dispatcher().decisions("rms_norm")[-1].chosen}
+            "check_and_key_us": check_only, "chosen": label}
