@@ -60,9 +60,12 @@ _WIDEN_DOT_OPERANDS = tl.constexpr(interpreter_on())
 # ----------------------------------------------------------------------------- device helpers
 @triton.jit
 def _mm(a, b):
-    """``a @ b`` with an fp32 result (tensor cores for 16-bit operands, tf32 on NVIDIA for fp32)."""
+    """``a @ b`` with an fp32 result (tensor cores for 16-bit operands; full-precision fp32 for fp32,
+    since tf32 products missed the fp32 tolerance on the H100 where softmax gradients cancel)."""
     if _WIDEN_DOT_OPERANDS:
         c = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif a.dtype == tl.float32:
+        c = tl.dot(a, b, input_precision="ieee")
     else:
         c = tl.dot(a, b)
     return c
@@ -73,6 +76,8 @@ def _mma(a, b, acc):
     """``acc + a @ b`` into the fp32 accumulator ``acc``."""
     if _WIDEN_DOT_OPERANDS:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
     else:
         acc = tl.dot(a, b, acc)
     return acc
