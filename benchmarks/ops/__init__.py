@@ -1,0 +1,1 @@
+"""Op benchmark harness: ``run.py`` (measure), ``report.py`` (tables and plot), ``ceilings.py``, ``peers.py``."""
