@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
 from slipstream.dispatch.verify import Oracle, Verdict
 from slipstream.ops import OpSpec
 

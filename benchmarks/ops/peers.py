@@ -191,6 +191,7 @@ class PeftLoRA:
         if hit is not None and hit[0] is weight:
             return hit[1], hit[2]
         import peft
+
         from slipstream.quant import QuantizedWeight
 
         n, k = weight.shape

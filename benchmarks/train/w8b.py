@@ -45,8 +45,9 @@ def quantize_to_nf4(model: torch.nn.Module, device: str) -> None:
 
 
 def build(shape: str, base: str, checkpointing: object, device: str):
-    from slipstream import FastModel
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slipstream import FastModel
 
     cfg = LlamaConfig(**SHAPES[shape])
     cfg._attn_implementation = "sdpa"

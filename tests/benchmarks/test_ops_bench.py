@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from slipstream.dispatch.verify import Oracle, detached
-from slipstream.ops import SPECS
 
 from benchmarks.ops import peers, report
 from benchmarks.ops import run as harness
+from slipstream.dispatch.verify import Oracle, detached
+from slipstream.ops import SPECS
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from slipstream import ops
 from slipstream.dispatch import dispatcher, explain, set_tuning
 from slipstream.dispatch.cache import DecisionCache
@@ -103,6 +104,7 @@ def _tune_in_child(directory: str) -> None:
     os.environ["SLIPSTREAM_TUNE"] = "1"
     os.environ["SLIPSTREAM_QUIET"] = "1"
     import torch as t
+
     from slipstream import ops as o
 
     o.swiglu(t.randn(4, 32), t.randn(4, 32))

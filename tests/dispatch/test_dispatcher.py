@@ -8,12 +8,12 @@ timed here exactly as on a GPU.
 from __future__ import annotations
 
 import pytest
-import slipstream
 import torch
+
+import slipstream
 from slipstream import ops
 from slipstream.dispatch import DispatchError, dispatcher, explain, force, forced, set_tuning
 from slipstream.plugins import reload
-
 from tests.plugin_fixtures import plugin_installer  # noqa: F401
 
 ATTENTION_PLUGIN = '''

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from slipstream.kernels import attention as fa
 from slipstream.ops.attention import SPEC, allowed_mask
-
 from tests.helpers import assert_matches_reference
 
 CPU = torch.device("cpu")

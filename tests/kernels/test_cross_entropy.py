@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+
 from slipstream.kernels.cross_entropy import CONFIGS, KERNELS, accepts, cross_entropy
 from slipstream.ops.cross_entropy import SPEC, reference
 from slipstream.registry import check_signature
-
 from tests.helpers import assert_matches_reference
 
 CPU = torch.device("cpu")

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+
 from slipstream.kernels import glu as kmod
 from slipstream.ops.geglu import SPEC as GEGLU
 from slipstream.ops.swiglu import SPEC as SWIGLU
-
 from tests.helpers import assert_matches_reference
 
 CPU = torch.device("cpu")

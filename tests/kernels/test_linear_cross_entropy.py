@@ -10,13 +10,13 @@ import subprocess
 import sys
 
 import pytest
-import slipstream.kernels.linear_cross_entropy as lce
 import torch
 import torch.nn.functional as F
+
+import slipstream.kernels.linear_cross_entropy as lce
 from slipstream.kernels.linear_cross_entropy import CONFIGS, KERNELS, accepts, linear_cross_entropy
 from slipstream.ops.linear_cross_entropy import SPEC
 from slipstream.registry import check_signature
-
 from tests.helpers import assert_matches_reference
 
 CPU = torch.device("cpu")

@@ -13,13 +13,13 @@ import sys
 
 import pytest
 import torch
+
 from slipstream.dispatch.verify import errors
 from slipstream.kernels import lora as lora_kernels
 from slipstream.kernels.lora import CONFIGS, KERNELS, accepts, lora_linear, lora_linear_group
 from slipstream.ops._spec import MATMUL_TOLERANCES
 from slipstream.ops.lora_linear import SPEC, reference
 from slipstream.quant import QuantizedWeight, quantize_nf4
-
 from tests.helpers import assert_matches_reference
 
 CPU = torch.device("cpu")

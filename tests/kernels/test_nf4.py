@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+
 from slipstream.kernels import nf4
 from slipstream.quant import QuantizedWeight, quantize_nf4
 

@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+
 from slipstream.kernels import rms_norm as kmod
 from slipstream.ops.rms_norm import SPEC
-
 from tests.helpers import assert_matches_reference
 
 CPU = torch.device("cpu")

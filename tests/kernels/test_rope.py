@@ -10,9 +10,9 @@ import sys
 
 import pytest
 import torch
+
 from slipstream.kernels import rope as kmod
 from slipstream.ops.rope import SPEC
-
 from tests.helpers import assert_matches_reference
 
 CPU = torch.device("cpu")

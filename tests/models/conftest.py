@@ -13,6 +13,7 @@ from contextlib import ExitStack
 
 import pytest
 import torch
+
 from slipstream.dispatch import forced
 from slipstream.ops import SPECS
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from slipstream.models import (
     accelerate,
     attention_fallbacks,
@@ -15,7 +16,6 @@ from slipstream.models import (
     report_of,
     reset_attention_fallbacks,
 )
-
 from tests.models.tiny import ARCHS, EXPECTED, FWD_TOL, GRAD_TOL, build, ids, rel, with_lora
 
 ARCH_NAMES = list(ARCHS)

@@ -8,9 +8,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from slipstream.models import accelerate, deaccelerate
 from torch import nn
 
+from slipstream.models import accelerate, deaccelerate
 from tests.models.tiny import FWD_TOL, GRAD_TOL, rel
 
 
@@ -174,8 +174,9 @@ def test_custom_module_lm_maps_structurally():
 # ----------------------------------------------------------------------------- QLoRA: peft lora.Linear4bit
 def test_lora_linear4bit_uses_quantized_weight():
     bnb = pytest.importorskip("bitsandbytes")
-    import slipstream.ops as ops
     from peft import LoraConfig, get_peft_model
+
+    import slipstream.ops as ops
 
     def q4(n_in: int, n_out: int) -> nn.Module:
         lin = bnb.nn.Linear4bit(n_in, n_out, bias=True, compute_dtype=torch.float32, quant_type="nf4")

@@ -11,8 +11,8 @@ import copy
 
 import pytest
 import torch
-from slipstream.models import accelerate, attention_fallbacks, reset_attention_fallbacks
 
+from slipstream.models import accelerate, attention_fallbacks, reset_attention_fallbacks
 from tests.models.tiny import ARCHS, build, ids, rel, with_lora
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

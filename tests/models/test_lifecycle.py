@@ -8,8 +8,8 @@ import sys
 
 import pytest
 import torch
-from slipstream.models import AccelerationReport, accelerate, deaccelerate, report_of
 
+from slipstream.models import AccelerationReport, accelerate, deaccelerate, report_of
 from tests.models.tiny import FWD_TOL, GRAD_TOL, build, ids, rel, with_lora
 
 

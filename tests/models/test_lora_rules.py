@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 
 import torch
-from slipstream.models import accelerate, attention_fallbacks, reset_attention_fallbacks
 
+from slipstream.models import accelerate, attention_fallbacks, reset_attention_fallbacks
 from tests.models.tiny import FWD_TOL, build, ids, rel, with_lora
 
 

@@ -10,11 +10,11 @@ specs (a kernel may reduce in blocks, so bit-equality is not the contract).
 from __future__ import annotations
 
 import pytest
-import slipstream.ops as ops
 import torch
 import torch.nn.functional as F
-from slipstream.quant import quantize_nf4
 
+import slipstream.ops as ops
+from slipstream.quant import quantize_nf4
 from tests.helpers import assert_matches_reference
 from tests.ops._compare import assert_no_worse, assert_tight
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from slipstream.ops import SPECS
-from slipstream.quant import QuantizedWeight
 from torch.func import functional_call
 
+from slipstream.ops import SPECS
+from slipstream.quant import QuantizedWeight
 from tests.ops._compare import assert_no_worse, assert_tight
 
 peft = pytest.importorskip("peft")

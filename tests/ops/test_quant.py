@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from slipstream.quant import NF4_CODE, QuantizedWeight, quantize_nf4
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from slipstream.ops import SPECS
 from torch.func import functional_call
 
+from slipstream.ops import SPECS
 from tests.ops._compare import assert_no_worse, assert_tight
 
 transformers = pytest.importorskip("transformers")

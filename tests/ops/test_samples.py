@@ -8,10 +8,10 @@ requires_grad, device or weight format would verify a kernel on a path the call 
 from __future__ import annotations
 
 import pytest
-import slipstream.ops as ops
 import torch
-from slipstream.quant import QuantizedWeight
 
+import slipstream.ops as ops
+from slipstream.quant import QuantizedWeight
 from tests.helpers import judge
 
 SPECS = ops.SPECS

@@ -7,8 +7,9 @@ A second device is simulated with ``meta`` tensors (validation must never touch 
 from __future__ import annotations
 
 import pytest
-import slipstream.ops as ops
 import torch
+
+import slipstream.ops as ops
 from slipstream.quant import quantize_nf4
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from slipstream import ops
 from slipstream.plugins import PluginError, register_plugin, reload, system
 from slipstream.registry import RegistrationError
-
 from tests.plugin_fixtures import plugin_installer  # noqa: F401
 
 GOOD = '''

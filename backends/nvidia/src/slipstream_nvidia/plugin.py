@@ -6,7 +6,6 @@ from slipstream import hookimpl
 from slipstream.device import DeviceInfo
 from slipstream.kernels import catalog, interpreter_on
 from slipstream.registry import Registry
-
 from slipstream_nvidia import libraries
 from slipstream_nvidia.spaces import configs_for
 

@@ -9,6 +9,7 @@ your kernel, narrow ``devices`` to your hardware, and run ``slipstream conforman
 from __future__ import annotations
 
 import torch
+
 from slipstream import hookimpl
 from slipstream.device import DeviceInfo
 from slipstream.registry import Registry
