@@ -217,7 +217,8 @@ def _registers_hip(asm: str) -> tuple[int, int]:
         found = re.findall(rf"\.{name}:\s+(\d+)", asm)
         return max(map(int, found)) if found else 0
 
-    return grab("vgpr_count"), grab("vgpr_spill_count") + grab("sgpr_spill_count")
+    # VGPR spills go to scratch memory (slow); SGPR spills land in VGPR lanes and are cheap: not counted.
+    return grab("vgpr_count"), grab("vgpr_spill_count")
 
 
 def _registers_cuda(log: str) -> tuple[int, int]:
