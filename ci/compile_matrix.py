@@ -15,8 +15,11 @@ Usage:
     python ci/compile_matrix.py [--backend rocm] [--target gfx942] [--kernel rms_norm] [--config 0]
                                 [--jobs 2] [--json out.json] [--extra-kernels tests.backends.toy_kernels]
 
-Prints a table (kernel, config, target, ok, shared bytes, registers, spills) and a summary line;
-exits 1 naming every failing kernel/config/target, 2 on bad arguments.
+Prints a table (kernel, config, target, ok, shared bytes, registers, spills: the worst unit of each
+row) and a summary line; exits 1 naming every failing kernel/config/target, 2 on bad arguments.
+Registers and spills come from ptxas' report on CUDA (registers per thread, bytes of spill stores)
+and from the AMDGPU assembly on HIP (VGPRs incl. AGPRs, VGPRs spilled to scratch); "?" if unknown.
+Spills are reported, not failed: they cost speed, not correctness.
 """
 
 from __future__ import annotations
