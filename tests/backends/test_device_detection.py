@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+
 from slipstream.device import amd_device_info, amd_family, amd_wavefront, intel_arch, intel_device_info
 
 AMD = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from slipstream.plugins import system
 from slipstream_rocm import plugin as rocm
 from slipstream_xpu import libraries

@@ -4,13 +4,13 @@ kernels): workgroup limits, power-of-two warps, options Triton takes, tiles with
 from __future__ import annotations
 
 import pytest
+
 from slipstream.device import DeviceInfo, amd_wavefront
 from slipstream.kernels import catalog
 from slipstream_rocm import spaces as amd
 from slipstream_rocm.families import FAMILIES as AMD_FAMILIES
 from slipstream_xpu import spaces as intel
 from slipstream_xpu.families import FAMILIES as INTEL_FAMILIES
-
 from tests.backends import toy_kernels
 
 KERNELS = catalog() + toy_kernels.KERNELS

@@ -9,8 +9,9 @@ functions, and ``dispatcher().candidates`` is asked with CPU tensors and a simul
 from __future__ import annotations
 
 import pytest
-import slipstream
 import torch
+
+import slipstream
 from slipstream import hookimpl
 from slipstream.device import DeviceInfo, cpu_info
 from slipstream.dispatch import dispatcher
@@ -20,7 +21,6 @@ from slipstream_rocm import plugin as rocm_plugin
 from slipstream_rocm.families import REPRESENTATIVE as AMD_DEVICES
 from slipstream_xpu import plugin as xpu_plugin
 from slipstream_xpu.families import REPRESENTATIVE as INTEL_DEVICES
-
 from tests.backends import toy_kernels
 
 H100 = DeviceInfo(vendor="nvidia", type="cuda", name="NVIDIA H100 80GB HBM3", arch="sm_90", family="hopper",

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from slipstream.kernels import catalog, interpreter_on
 from slipstream.ops import spec
 from slipstream_rocm import spaces as amd
 from slipstream_rocm.families import REPRESENTATIVE as AMD
 from slipstream_xpu import spaces as intel
 from slipstream_xpu.families import REPRESENTATIVE as INTEL
-
 from tests.helpers import judge
 
 pytestmark = pytest.mark.skipif(not interpreter_on(), reason="needs TRITON_INTERPRET=1 (CPU)")

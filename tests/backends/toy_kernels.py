@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from slipstream.kernels import PortableKernel
 from slipstream.kernels._aot import AotUnit, ptr
 

@@ -14,7 +14,6 @@ from slipstream import hookimpl
 from slipstream.device import DeviceInfo
 from slipstream.kernels import PortableKernel, catalog
 from slipstream.registry import Registry
-
 from slipstream_rocm import libraries
 from slipstream_rocm.spaces import configs_for
 
@@ -73,7 +72,6 @@ def doctor_status() -> str:
                 "is False: "
                 "check the amdgpu driver, /dev/kfd and /dev/dri permissions, HIP_VISIBLE_DEVICES)")
     from slipstream.device import device_info
-
     from slipstream_rocm.families import FAMILIES
 
     seen = []

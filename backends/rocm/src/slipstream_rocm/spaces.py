@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 from slipstream.device import DeviceInfo
 from slipstream.kernels import PortableKernel
-
 from slipstream_rocm.families import AmdFamily, family_of
 
 # kernel name -> family -> configs (replace the derived space there); "*" matches every family.

@@ -11,7 +11,6 @@ from slipstream import hookimpl
 from slipstream.device import DeviceInfo
 from slipstream.kernels import PortableKernel, catalog
 from slipstream.registry import Registry
-
 from slipstream_xpu import libraries
 from slipstream_xpu.spaces import configs_for
 
@@ -82,7 +81,6 @@ def doctor_status() -> str:
                "(level-zero), render-group permissions, ZE_AFFINITY_MASK")
         return f"installed; no Intel GPU visible ({why}){ipex_note}"
     from slipstream.device import device_info
-
     from slipstream_xpu.families import FAMILIES
 
     seen = []

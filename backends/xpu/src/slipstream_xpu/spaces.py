@@ -24,7 +24,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 from slipstream.device import DeviceInfo
 from slipstream.kernels import PortableKernel
-
 from slipstream_xpu.families import IntelFamily, family_of
 
 SPACES: dict[str, dict[str, Sequence[dict]]] = {}
