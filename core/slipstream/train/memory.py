@@ -1,0 +1,210 @@
+"""The memory planner: pick the fastest gradient-checkpointing policy whose activations fit.
+
+Policies, fastest first: ``none`` (keep every activation), ``checkpoint`` (keep each decoder
+layer's input, recompute the layer in backward), ``offload`` (checkpointing with the layer inputs
+held in pinned host memory). The planner is a pure function of the model's shape, the batch, the
+dtype and the free memory, so its decisions are testable without the hardware.
+
+Activation estimate for one decoder layer of a Llama-style model (LoRA adapters, frozen base,
+``lora_dropout = 0``, memory-efficient attention), with ``T = batch * seq`` tokens and ``b`` bytes
+per element of the compute dtype::
+
+    per_layer = T * b * (4*H + 2*Q + 2*KV + 4*I + 7*r)  +  T * 4 * (2 + heads)
+
+where ``H`` is the hidden size, ``Q = heads * head_dim``, ``KV = kv_heads * head_dim``, ``I`` the MLP
+width and ``r`` the LoRA rank. The terms are the tensors autograd saves: the two RMSNorms' inputs
+and outputs (4H), q and k after RoPE, v, and the attention output (2Q + 2KV), the MLP's gate, up,
+act(gate) and act(gate)*up (4I), each LoRA's ``x @ A.T`` (7r), and fp32 per-row statistics (two
+RMSNorm ``rstd`` and the attention log-sum-exp per head). Eager attention also keeps the
+``heads x seq x seq`` scores and probabilities: ``+ batch * heads * seq^2 * 2b``.
+
+Device memory needed per policy (``L`` layers)::
+
+    none:       L * per_layer                  + fixed
+    checkpoint: L * T*H*b  + per_layer         + fixed   (inputs kept; one layer recomputed at a time)
+    offload:    2 * T*H*b  + per_layer         + fixed   (host holds L * T*H*b, pinned)
+    fixed = logits + trainable state = T * V * (b + 8) + trainable_params * 12 + reserve
+
+(logits in the compute dtype plus their fp32 copy and gradient; fp32 grad + two AdamW moments per
+trainable parameter; a fixed reserve for workspaces and fragmentation). A policy fits when its
+need is at most ``headroom`` (90 %) of the free memory measured after the model was loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+POLICIES = ("none", "checkpoint", "offload")
+GIB = 2**30
+RESERVE_BYTES = {"cpu": 256 * 2**20}
+RESERVE_DEFAULT = 768 * 2**20
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    attn_implementation: str = "sdpa"
+
+    @classmethod
+    def from_config(cls, config: object) -> ModelShape:
+        text = getattr(config, "get_text_config", lambda: config)()
+        hidden = int(text.hidden_size)
+        heads = int(getattr(text, "num_attention_heads", 1))
+        head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+        return cls(
+            layers=int(text.num_hidden_layers), hidden=hidden,
+            intermediate=int(getattr(text, "intermediate_size", 4 * hidden) or 4 * hidden),
+            heads=heads, kv_heads=int(getattr(text, "num_key_value_heads", None) or heads), head_dim=head_dim,
+            vocab=int(text.vocab_size),
+            attn_implementation=str(getattr(config, "_attn_implementation", None) or "sdpa"),
+        )
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The planner's choice and the numbers behind it (bytes)."""
+
+    choice: str
+    reason: str
+    per_layer_bytes: int
+    need_bytes: dict[str, int]
+    free_bytes: int
+    budget_bytes: int
+    host_free_bytes: int | None
+    host_need_bytes: int
+    device_type: str
+    tokens: int
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"gradient checkpointing: {self.choice} because {self.reason}"
+
+    @property
+    def checkpointing(self) -> bool | str:
+        """The value for ``get_peft_model(gradient_checkpointing=...)``."""
+        return {"none": False, "checkpoint": True, "offload": "offload"}[self.choice]
+
+
+def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes: int,
+                           lora_r: int = 16) -> int:
+    """Bytes autograd keeps for one decoder layer without checkpointing (see the module docstring)."""
+    t = batch * seq
+    q = shape.heads * shape.head_dim
+    kv = shape.kv_heads * shape.head_dim
+    per = t * dtype_bytes * (4 * shape.hidden + 2 * q + 2 * kv + 4 * shape.intermediate + 7 * lora_r)
+    per += t * 4 * (2 + shape.heads)
+    if shape.attn_implementation == "eager":
+        per += batch * shape.heads * seq * seq * 2 * dtype_bytes
+    return per
+
+
+def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_bytes: int,
+         host_free_bytes: int | None = None, device_type: str = "cuda", lora_r: int = 16,
+         trainable_params: int = 0, fused_loss: bool = False, headroom: float = 0.9) -> MemoryPlan:
+    """Choose a policy: the first of none, checkpoint, offload whose need fits the budget.
+
+    On the CPU there is nothing to offload to: ``offload`` is never chosen there. When nothing
+    fits, the least memory-hungry policy available is chosen and the reason says so.
+    """
+    t = batch * seq
+    per_layer = layer_activation_bytes(shape, batch, seq, dtype_bytes, lora_r)
+    layer_input = t * shape.hidden * dtype_bytes
+    logits = 0 if fused_loss else t * shape.vocab * (dtype_bytes + 8)
+    fixed = logits + trainable_params * 12 + RESERVE_BYTES.get(device_type, RESERVE_DEFAULT)
+    need = {
+        "none": shape.layers * per_layer + fixed,
+        "checkpoint": shape.layers * layer_input + per_layer + fixed,
+        "offload": 2 * layer_input + per_layer + fixed,
+    }
+    host_need = shape.layers * layer_input
+    budget = int(free_bytes * headroom)
+    candidates = ["none", "checkpoint"] if device_type == "cpu" else list(POLICIES)
+    if host_free_bytes is not None and host_need > host_free_bytes * headroom and "offload" in candidates:
+        candidates.remove("offload")
+
+    def gib(n: int) -> str:
+        return f"{n / GIB:.2f} GiB"
+
+    for choice in candidates:
+        if need[choice] <= budget:
+            if choice == "none":
+                reason = f"all activations fit: {gib(need['none'])} needed of {gib(budget)} usable"
+            else:
+                faster = candidates[candidates.index(choice) - 1]
+                reason = (f"{faster} would need {gib(need[faster])} but {gib(budget)} is usable; "
+                          f"{choice} needs {gib(need[choice])}")
+            break
+    else:
+        choice = candidates[-1]
+        reason = (f"nothing fits: even {choice} needs {gib(need[choice])} of {gib(budget)} usable; "
+                  f"lower the batch size or max_seq_length")
+        if device_type == "cpu":
+            reason += " (offloading does not apply on the CPU)"
+    return MemoryPlan(choice, reason, per_layer, need, free_bytes, budget, host_free_bytes, host_need,
+                      device_type, t,
+                      {"fixed_bytes": fixed, "logits_bytes": logits, "layer_input_bytes": layer_input})
+
+
+def host_free_bytes() -> int | None:
+    """Available host RAM (psutil if installed, else sysconf)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_free_bytes(device: torch.device) -> int:
+    """Free memory on ``device`` now (host RAM for the CPU)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    xpu = getattr(torch, "xpu", None)
+    if device.type == "xpu" and xpu is not None and hasattr(xpu, "mem_get_info"):
+        free, _total = xpu.mem_get_info(device)
+        return int(free)
+    return host_free_bytes() or 0
+
+
+def plan_for_model(model: torch.nn.Module, *, batch: int, seq: int, free_bytes: int | None = None,
+                   lora_r: int | None = None) -> MemoryPlan:
+    """Plan for a loaded (peft) model: reads its config, device, dtype, rank and trainable size."""
+    param = next(model.parameters())
+    device = param.device
+    dtype = _compute_dtype(model)
+    config = model.config
+    peft_config = getattr(model, "peft_config", None)
+    if lora_r is None:
+        lora_r = next(iter(peft_config.values())).r if peft_config else 16
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from slipstream.train.fast_model import uses_fused_loss
+
+    return plan(ModelShape.from_config(config), batch=batch, seq=seq, dtype_bytes=dtype.itemsize,
+                free_bytes=device_free_bytes(device) if free_bytes is None else free_bytes,
+                host_free_bytes=host_free_bytes(), device_type=device.type, lora_r=lora_r,
+                trainable_params=trainable, fused_loss=uses_fused_loss(model))
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and "lora_" not in name:
+            return p.dtype
+    return torch.float32
+
+
+__all__ = ["POLICIES", "MemoryPlan", "ModelShape", "device_free_bytes", "host_free_bytes",
+           "layer_activation_bytes", "plan", "plan_for_model"]

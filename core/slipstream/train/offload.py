@@ -1,0 +1,247 @@
+"""Gradient checkpointing policies for transformers decoder layers, including offloaded checkpointing.
+
+:func:`apply_checkpointing` sets the policy through transformers' own extension point: every
+``GradientCheckpointingLayer`` (the decoder layers) has a ``gradient_checkpointing`` flag and a
+``_gradient_checkpointing_func`` it calls as ``func(partial(forward, layer, **kwargs), *args)``.
+
+- ``"checkpoint"``: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``.
+- ``"offload"``: :class:`OffloadedCheckpoint`. Like checkpointing, only each layer's input is kept
+  and the layer is recomputed in backward, but that input lives in pinned host memory: it is
+  copied out on a side stream during forward, and during the backward of layer ``i`` the input of
+  layer ``i - 1`` is already being copied back on the side stream, so the copy overlaps compute.
+  On the CPU there is no device memory to free: it degrades to ``"checkpoint"`` with a note.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+POLICY_NAMES = {False: "none", None: "none", True: "checkpoint", "none": "none", "checkpoint": "checkpoint",
+                "offload": "offload"}
+
+
+def policy_name(value: bool | str | None) -> str:
+    try:
+        return POLICY_NAMES[value]
+    except (KeyError, TypeError):
+        raise ValueError(f"gradient_checkpointing must be False, True, \"offload\" or \"auto\", "
+                         f"got {value!r}") from None
+
+
+def checkpoint_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules transformers checkpoints: its ``GradientCheckpointingLayer`` s (decoder layers)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover - transformers without the layer base class
+        return [m for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, force_offload: bool = False,
+                        verbose: bool = True) -> str:
+    """Set ``policy`` (False/True/"offload", or a policy name) on ``model``'s decoder layers.
+
+    Returns the policy applied (``"none"``, ``"checkpoint"`` or ``"offload"``). ``force_offload``
+    runs the offloading code path on the CPU too (tests), where it copies into host memory.
+    """
+    name = policy_name(policy)
+    layers = checkpoint_layers(model)
+    if name != "none" and not layers:
+        raise ValueError(f"{type(model).__name__} has no transformers GradientCheckpointingLayer modules, so "
+                         f"gradient checkpointing cannot be applied; use gradient_checkpointing=False")
+    device = _device_of(model)
+    if name == "offload" and device.type == "cpu" and not force_offload:
+        if verbose:
+            print("gradient checkpointing: offload degrades to plain checkpointing on the CPU "
+                  "(activations already live in host memory)")
+        name = "checkpoint"
+    func: Callable | None = None
+    if name == "checkpoint":
+        func = plain_checkpoint
+    elif name == "offload":
+        func = OffloadedCheckpoint(device)
+    for layer in layers:
+        layer.gradient_checkpointing = name != "none"
+        if func is not None:
+            layer._gradient_checkpointing_func = func
+    config = getattr(model, "config", None)
+    if name != "none" and config is not None and getattr(config, "use_cache", False):
+        config.use_cache = False
+    object.__setattr__(_unwrap(model), "_slipstream_checkpointing", name)
+    return name
+
+
+def current_policy(model: torch.nn.Module) -> str:
+    return getattr(_unwrap(model), "_slipstream_checkpointing", "none")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def plain_checkpoint(function: Callable, *args: object, **kwargs: object) -> object:
+    """``checkpoint(..., use_reentrant=False)`` with early stopping of the recompute turned off.
+
+    Early stopping ends the recompute by raising an exception inside the layer's forward; code on
+    that path that catches exceptions to fall back (as a kernel dispatcher does) would swallow it.
+    Recomputing the whole layer costs little more and is robust to that.
+    """
+    with set_checkpoint_early_stop(False):
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------- offloading
+class _Saved:
+    """One layer input, held in host memory between forward and backward."""
+
+    def __init__(self, device: torch.device, stream: object | None, prev: _Saved | None) -> None:
+        self.device = device
+        self.stream = stream
+        self.prev = prev
+        self.host: torch.Tensor | None = None
+        self.back: torch.Tensor | None = None
+        self.ready: object | None = None
+
+    def offload(self, x: torch.Tensor) -> None:
+        if self.stream is None:  # CPU (tests): a plain copy
+            self.host = x.detach().clone()
+            return
+        mod = torch.get_device_module(self.device)
+        self.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self.stream.wait_stream(mod.current_stream(self.device))
+        with mod.stream(self.stream):
+            self.host.copy_(x.detach(), non_blocking=True)
+        x.record_stream(self.stream)  # the allocator must not reuse x before the copy ran
+
+    def prefetch(self) -> None:
+        """Start copying the input back (on the side stream) unless already started."""
+        if self.back is not None or self.host is None:
+            return
+        if self.stream is None:
+            self.back = self.host
+            return
+        mod = torch.get_device_module(self.device)
+        with mod.stream(self.stream):
+            self.back = self.host.to(self.device, non_blocking=True)
+            self.ready = mod.Event()
+            self.ready.record(self.stream)
+
+    def fetch(self) -> torch.Tensor:
+        self.prefetch()
+        x = self.back
+        if self.stream is not None:
+            mod = torch.get_device_module(self.device)
+            current = mod.current_stream(self.device)
+            current.wait_event(self.ready)
+            x.record_stream(current)
+        self.host = self.back = self.ready = None
+        return x
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, run, saved, _anchor, hidden, *args):
+        ctx.run, ctx.saved, ctx.args = run, saved, args
+        ctx.hidden_grad = hidden.requires_grad
+        ctx.device = hidden.device
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.dev_rng = None
+        if hidden.device.type != "cpu":
+            ctx.dev_rng = torch.get_device_module(hidden.device).get_rng_state(hidden.device)
+        ctx.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
+                        for t in {"cpu", hidden.device.type}}
+        with torch.no_grad():
+            out = run(hidden, *args)
+        saved.offload(hidden)
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved: _Saved = ctx.saved
+        if saved.prev is not None:
+            saved.prev.prefetch()  # overlap the previous layer's copy-back with this layer's recompute
+        x = saved.fetch().detach().requires_grad_(ctx.hidden_grad)
+        saved.prev = None
+        devices = [ctx.device.index or 0] if ctx.dev_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.dev_rng is not None:
+                torch.get_device_module(ctx.device).set_rng_state(ctx.dev_rng, ctx.device)
+            with torch.enable_grad(), _autocast(ctx.autocast):
+                out = ctx.run(x, *ctx.args)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads, strict=False)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, None, x.grad if ctx.hidden_grad else None, *([None] * len(ctx.args)))
+
+
+class _autocast:
+    def __init__(self, states: dict) -> None:
+        self.contexts = [torch.autocast(t, dtype=dt, enabled=on) for t, (on, dt) in states.items()]
+
+    def __enter__(self) -> None:
+        for c in self.contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc) -> None:
+        for c in reversed(self.contexts):
+            c.__exit__(*exc)
+
+
+class OffloadedCheckpoint:
+    """A ``_gradient_checkpointing_func``: checkpoint a layer with its input offloaded to the host.
+
+    Parameters used by the layer get their gradients accumulated during the recompute (as with
+    reentrant checkpointing). A layer called with a tensor argument that needs a gradient other
+    than its first positional one falls back to plain checkpointing.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+        self.stream = None
+        if self.device.type != "cpu":
+            self.stream = torch.get_device_module(self.device).Stream(self.device)
+        self._last: tuple[weakref.ref, _Saved] | None = None
+
+    def __call__(self, function: Callable, *args: object, **kwargs: object) -> object:
+        hidden = args[0] if args else None
+        if (not torch.is_grad_enabled() or not isinstance(hidden, torch.Tensor) or kwargs
+                or _needs_grad(args[1:]) or _needs_grad(getattr(function, "keywords", {}).values())):
+            return plain_checkpoint(function, *args, **kwargs)
+        prev = None
+        if self._last is not None and self._last[0]() is hidden:
+            prev = self._last[1]
+        saved = _Saved(hidden.device, self.stream, prev)
+        anchor = torch.empty(0, requires_grad=True)  # keeps backward reachable when nothing else needs grad
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = _OffloadedLayer.apply(function, saved, anchor, hidden, *args[1:])
+        first = out if isinstance(out, torch.Tensor) else out[0]
+        self._last = (weakref.ref(first), saved)
+        return out
+
+
+def _needs_grad(values) -> bool:
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            return True
+        if isinstance(v, (tuple, list)) and _needs_grad(v):
+            return True
+    return False
+
+
+__all__ = ["OffloadedCheckpoint", "apply_checkpointing", "checkpoint_layers", "current_policy", "policy_name"]

@@ -1,0 +1,108 @@
+"""Gradients: accumulation normalises over the whole batch; checkpointing policies change nothing."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from slipstream.train.config import TrainConfig
+from slipstream.train.data import IGNORE_INDEX
+from slipstream.train.offload import apply_checkpointing, checkpoint_layers
+from slipstream.train.packing import PackedCollator, pack
+from slipstream.train.trainer import Trainer
+from tests.train.conftest import load_tiny
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def fresh_rows(n_rows: int, seq: int, gen: torch.Generator, keep: float | None = None) -> list[dict]:
+    """Packed rows of random tokens; ``keep``: fraction of labels trained (random per example if None)."""
+    examples = []
+    for _ in range(n_rows * 8):
+        length = int(torch.randint(4, seq // 2, (1,), generator=gen))
+        ids = torch.randint(10, 3000, (length,), generator=gen).tolist()
+        p = float(torch.rand(1, generator=gen)) * 0.9 + 0.05 if keep is None else keep
+        labels = [t if float(torch.rand(1, generator=gen)) < p else IGNORE_INDEX for t in ids]
+        examples.append({"input_ids": ids, "labels": labels})
+    return pack(examples, seq)[:n_rows]
+
+
+def perturb_lora_b(model, gen: torch.Generator) -> None:
+    """peft starts B at zero (so A gets no gradient); give B random values so every grad is tested."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def assert_grads_close(a: dict, b: dict, rtol: float, atol: float) -> None:
+    assert a.keys() == b.keys() and a
+    assert all(float(t.norm()) > 0 for t in b.values())
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_accumulation_2x2_equals_one_batch_of_4(tiny_dir):
+    model, tok = load_tiny(tiny_dir, accelerate=True)
+    trainer = Trainer(model, tok, [{"text": "x"}], TrainConfig(output_dir=str(tiny_dir / "o")), verbose=False)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    perturb_lora_b(model, gen)
+    # the two micro-batches train very different numbers of tokens, so mean-of-means is measurably wrong
+    rows = fresh_rows(2, 64, gen, keep=0.15) + fresh_rows(2, 64, gen, keep=0.9)
+    collate = PackedCollator(0)
+    model.zero_grad()
+    loss4, n4 = trainer.forward_backward([collate(rows)])
+    g4 = lora_grads(model)
+    model.zero_grad()
+    loss22, n22 = trainer.forward_backward([collate(rows[:2]), collate(rows[2:])])
+    g22 = lora_grads(model)
+    assert n4 == n22
+    # fp32 on both paths; only the order of the per-token sums differs (two partial sums vs one),
+    # a few ulps (1.2e-7 relative each) over ~100 terms -> 1e-5 relative is a safe bound.
+    torch.testing.assert_close(loss22, loss4, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g22, g4, rtol=1e-4, atol=1e-6)
+    # The naive mean of micro-batch means gives measurably different gradients: the test can fail.
+    model.zero_grad()
+    for half in (rows[:2], rows[2:]):
+        (model(**collate(half), use_cache=False).loss / 2).backward()
+    naive = lora_grads(model)
+    worst = max(float((naive[k] - g4[k]).norm() / g4[k].norm()) for k in g4)
+    assert worst > 0.05
+
+
+@pytest.mark.parametrize("policy", [True, "offload"])
+def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
+    model, tok = load_tiny(tiny_dir, accelerate=True, dropout=0.1)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    batch = PackedCollator(0)(fresh_rows(2, 64, gen))
+    perturb_lora_b(model, gen)
+    model.train()
+
+    def grads() -> dict:
+        model.zero_grad()
+        torch.manual_seed(1234)  # same dropout masks in both runs (checkpointing replays the RNG)
+        model(**batch, use_cache=False).loss.backward()
+        return lora_grads(model)
+
+    apply_checkpointing(model, False, verbose=False)
+    grads()  # warm-up: the dispatcher's first-call decisions draw from the global RNG (dropout's too)
+    reference = grads()
+    applied = apply_checkpointing(model, policy, force_offload=True, verbose=False)
+    assert applied == ("checkpoint" if policy is True else "offload")
+    layers = checkpoint_layers(model)
+    assert layers and all(layer.gradient_checkpointing for layer in layers)
+    grads()  # warm-up again: offloading runs the layers' forward under no_grad, which decides anew
+    got = grads()
+    # Recomputation runs the same fp32 ops on the same inputs with the same RNG state: forward
+    # values are bit-identical; only gradient accumulation order may differ (ulps).
+    assert_grads_close(got, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_offload_degrades_to_checkpointing_on_cpu(tiny_dir, capsys):
+    model, _ = load_tiny(tiny_dir, accelerate=False)
+    assert apply_checkpointing(model, "offload") == "checkpoint"
+    assert "degrades to plain checkpointing" in capsys.readouterr().out

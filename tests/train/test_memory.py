@@ -1,0 +1,67 @@
+"""The memory planner: pure decisions from shape, batch, dtype and free memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from slipstream.train.memory import GIB, ModelShape, layer_activation_bytes, plan
+
+LLAMA_8B = ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+TINY = ModelShape(layers=4, hidden=256, intermediate=688, heads=4, kv_heads=2, head_dim=64, vocab=3072)
+
+
+def test_layer_formula_by_hand():
+    # T = 2 * 8 = 16 tokens, bf16: 16 * 2 * (4*256 + 2*256 + 2*128 + 4*688 + 7*16) + 16 * 4 * (2 + 4)
+    assert layer_activation_bytes(TINY, 2, 8, 2, lora_r=16) == 16 * 2 * (1024 + 512 + 256 + 2752 + 112) + 16 * 4 * 6
+    eager = ModelShape(**{**TINY.__dict__, "attn_implementation": "eager"})
+    assert layer_activation_bytes(eager, 2, 8, 2) - layer_activation_bytes(TINY, 2, 8, 2) == 2 * 4 * 8 * 8 * 2 * 2
+
+
+def test_small_run_keeps_everything():
+    p = plan(TINY, batch=8, seq=256, dtype_bytes=4, free_bytes=8 * GIB, device_type="cpu")
+    assert p.choice == "none" and p.checkpointing is False
+    assert p.describe().startswith("gradient checkpointing: none because all activations fit")
+
+
+def test_8b_checkpoints_when_activations_do_not_fit():
+    # 2 x 2048 tokens, bf16: ~0.69 GB per layer x 32 + 5.3 GB logits ~ 28 GB without checkpointing
+    roomy = plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=60 * GIB, trainable_params=42_000_000)
+    assert roomy.choice == "none"
+    p = plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=24 * GIB, host_free_bytes=200 * GIB,
+             trainable_params=42_000_000)
+    assert p.need_bytes["none"] > p.need_bytes["checkpoint"] > p.need_bytes["offload"]
+    assert p.choice == "checkpoint" and p.checkpointing is True
+    assert "none would need" in p.reason
+
+
+def test_8b_long_context_offloads():
+    # 32k tokens: layer inputs 8.6 GB + one layer 5.5 GB (13.9 GiB) do not fit 14 GiB * 0.9; offloaded they do
+    p = plan(LLAMA_8B, batch=1, seq=32768, dtype_bytes=2, free_bytes=14 * GIB, host_free_bytes=500 * GIB,
+             fused_loss=True)
+    assert p.choice == "offload" and p.checkpointing == "offload"
+    assert p.host_need_bytes == 32 * 32768 * 4096 * 2
+
+
+def test_offload_needs_host_memory():
+    p = plan(LLAMA_8B, batch=1, seq=32768, dtype_bytes=2, free_bytes=14 * GIB, host_free_bytes=1 * GIB,
+             fused_loss=True)
+    assert p.choice == "checkpoint" and p.reason.startswith("nothing fits")
+
+
+def test_cpu_never_offloads():
+    p = plan(LLAMA_8B, batch=8, seq=8192, dtype_bytes=2, free_bytes=14 * GIB, device_type="cpu")
+    assert p.choice == "checkpoint" and "offloading does not apply on the CPU" in p.reason
+
+
+@pytest.mark.parametrize("free_gib", [1, 4, 16, 64, 256])
+def test_monotone_in_free_memory(free_gib):
+    order = ["none", "checkpoint", "offload"]
+    small = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=free_gib * GIB)
+    large = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=2 * free_gib * GIB)
+    assert order.index(large.choice) <= order.index(small.choice)
+
+
+def test_fused_loss_drops_logits():
+    a = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=80 * GIB)
+    b = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=80 * GIB, fused_loss=True)
+    assert a.extra["logits_bytes"] == 4096 * 128256 * 10 and b.extra["logits_bytes"] == 0
