@@ -64,7 +64,7 @@ def train_from_config(cfg: RunConfig, *, verbose: bool = True):
     model = FastModel.get_peft_model(
         model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
         gradient_checkpointing=lora.gradient_checkpointing, modules_to_save=lora.modules_to_save,
-        accelerate=m.accelerate, verbose=verbose)
+        accelerate=m.accelerate, random_state=cfg.train.seed, verbose=verbose)
     from slipstream.train.data import load_records
 
     records = load_records(cfg.data.path, split=cfg.data.split, max_examples=cfg.data.max_examples)

@@ -220,13 +220,14 @@ class FastModel:
                        target_modules: str | list[str] = "all-linear",
                        gradient_checkpointing: bool | str = "auto", *, bias: str = "none",
                        modules_to_save: list[str] | None = None, accelerate: bool = True,
-                       verbose: bool = True, **lora_kwargs: Any) -> Any:
+                       random_state: int = 0, verbose: bool = True, **lora_kwargs: Any) -> Any:
         """Add LoRA adapters with peft, route the model onto slipstream's ops, set checkpointing.
 
         ``target_modules="all-linear"`` means the seven Llama-style projections (q, k, v, o, gate,
         up, down) when the model has them, else peft's own ``"all-linear"``. ``gradient_checkpointing``
         is False, True, ``"offload"``, or ``"auto"`` (the memory planner picks; the Trainer plans again
-        once it knows the batch size).
+        once it knows the batch size). ``random_state`` seeds the adapters' initialisation (the global
+        RNG is left as it was), so the same call gives the same adapters.
         """
         import peft
 
@@ -238,7 +239,10 @@ class FastModel:
                                  task_type="CAUSAL_LM", **lora_kwargs)
         with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            peft_model = peft.get_peft_model(model, config)
+            devices = [model.device.index or 0] if model.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(random_state)
+                peft_model = peft.get_peft_model(model, config)
         if accelerate:
             report = accelerate_model(peft_model)
             if verbose and report is not None:
