@@ -71,3 +71,16 @@ def catalog() -> list[PortableKernel]:
         module = importlib.import_module(f"slipstream.kernels.{info.name}")
         found += list(getattr(module, "KERNELS", []))
     return found
+
+
+# Compile options some vendors' Triton backends take at launch (AMD: occupancy hint, MFMA shape,
+# operand packing; Intel: register-file mode). Backends put them in their configs; NVIDIA configs
+# never carry them (NVIDIA's Triton would reject unknown launch options).
+VENDOR_LAUNCH_OPTIONS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack", "grf_mode")
+
+
+def launch_options(config: dict | None) -> dict:
+    """The vendor-specific launch options present in ``config``, to spread into a kernel launch."""
+    if not config:
+        return {}
+    return {key: config[key] for key in VENDOR_LAUNCH_OPTIONS if key in config}

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._aot import AotUnit, ptr
-from slipstream.kernels._catalog import PortableKernel, interpreter_on
+from slipstream.kernels._catalog import PortableKernel, interpreter_on, launch_options
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -258,6 +258,7 @@ def launch_ce_rows(
         BLOCK=row_block(config, cols), HAS_SOFTCAP=softcap is not None,
         GSCALE_MODE=gscale_mode if write else GSCALE_NONE, WRITE_GRAD=write,
         PREFETCH=bool(config.get("prefetch", True)), num_warps=int(config["num_warps"]),
+        **launch_options(config),
     )
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._aot import AotUnit, ptr
-from slipstream.kernels._catalog import PortableKernel
+from slipstream.kernels._catalog import PortableKernel, launch_options
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2
@@ -148,7 +148,7 @@ class _GLU(torch.autograd.Function):
             block, n_blocks = _grid(n_rows, cols, config)
             _glu_fwd[(n_rows * n_blocks,)](
                 g2, u2, out, cols, n_blocks, g2.stride(0), u2.stride(0), ACT=act, BLOCK=block,
-                num_warps=config["num_warps"],
+                num_warps=config["num_warps"], **launch_options(config),
             )
         ctx.save_for_backward(gate, up)
         ctx.act, ctx.config = act, config
@@ -170,7 +170,7 @@ class _GLU(torch.autograd.Function):
             _glu_bwd[(n_rows * n_blocks,)](
                 do2, g2, u2, dg_arg, du_arg, cols, n_blocks, do2.stride(0), g2.stride(0), u2.stride(0),
                 ACT=ctx.act, BLOCK=block, COMPUTE_DG=want_g, COMPUTE_DU=want_u,
-                num_warps=ctx.config["num_warps"],
+                num_warps=ctx.config["num_warps"], **launch_options(ctx.config),
             )
         return dg, du, None, None
 

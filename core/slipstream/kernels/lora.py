@@ -49,7 +49,7 @@ import triton.language as tl
 
 from slipstream.kernels import nf4
 from slipstream.kernels._aot import AotUnit, ptr
-from slipstream.kernels._catalog import PortableKernel, interpreter_on
+from slipstream.kernels._catalog import PortableKernel, interpreter_on, launch_options
 from slipstream.quant import QuantizedWeight
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -173,7 +173,7 @@ def _gemm_lora(a: torch.Tensor, w: torch.Tensor, left: torch.Tensor, f: torch.Te
         a.stride(0), w.stride(0), left.stride(0), f.stride(0), out.stride(0), float(alpha),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(rank), GROUP_M=int(cfg["group_m"]),
         FORWARD=forward, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, UPCAST=interpreter_on(),
-        num_warps=int(cfg["gemm_warps"]), num_stages=int(cfg["stages"]))
+        num_warps=int(cfg["gemm_warps"]), num_stages=int(cfg["stages"]), **launch_options(cfg))
     return out
 
 

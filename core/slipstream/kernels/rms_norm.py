@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._aot import AotUnit, ptr
-from slipstream.kernels._catalog import PortableKernel
+from slipstream.kernels._catalog import PortableKernel, launch_options
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_H = 32768
@@ -159,7 +159,7 @@ class _RMSNorm(torch.autograd.Function):
         if n_rows:
             _rms_norm_fwd[(triton.cdiv(n_rows, rows),)](
                 x2, w, y, rstd, n_rows, n_cols, x2.stride(0), y.stride(0), float(eps), float(offset),
-                ROWS=rows, BLOCK_H=block_h, num_warps=config["num_warps"],
+                ROWS=rows, BLOCK_H=block_h, num_warps=config["num_warps"], **launch_options(config),
             )
         ctx.save_for_backward(x2, w, rstd)
         ctx.offset = float(offset)
@@ -191,7 +191,7 @@ class _RMSNorm(torch.autograd.Function):
         _rms_norm_bwd[(programs,)](
             dy2, x2, w, rstd, dx2, partial, n_rows, n_cols, dy2.stride(0), x2.stride(0), dx2.stride(0),
             ctx.offset, ROWS=rows, BLOCK_H=block_h, COMPUTE_DX=want_dx, COMPUTE_DW=want_dw,
-            num_warps=config["num_warps"],
+            num_warps=config["num_warps"], **launch_options(config),
         )
         if want_dx:
             dx = dx2.view(ctx.x_shape)

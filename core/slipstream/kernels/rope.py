@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from slipstream.kernels._aot import AotUnit, ptr
-from slipstream.kernels._catalog import PortableKernel
+from slipstream.kernels._catalog import PortableKernel, launch_options
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 1024
@@ -144,7 +144,7 @@ def _launch(q, k, qo, ko, cos, sin, pos, config: dict, backward: bool) -> None:
         cb, cs, sb, ss, pb, ps,
         BLOCK_HQ=_block_heads(hq, config), BLOCK_HK=_block_heads(hk, config),
         BLOCK_HALF=triton.next_power_of_2(max(1, d // 2)), HAS_POS=pos is not None, BACKWARD=backward,
-        num_warps=config["num_warps"],
+        num_warps=config["num_warps"], **launch_options(config),
     )
 
 
