@@ -374,6 +374,7 @@ class Trainer:
         self.log(f"train: {total} steps x {cfg.batch_size} rows x {cfg.grad_accum} accumulation, lr "
                  f"{cfg.lr:g} ({cfg.schedule}, {warmup} warmup), precision {precision}, on {self.device}")
         tokens_seen, loop_start, last_ckpt = 0, time.perf_counter(), None
+        last_logged = len(losses)
         try:
             for step in range(start_step, total):
                 t0 = time.perf_counter()
@@ -414,8 +415,11 @@ class Trainer:
                 progress.update({"loss": f"{loss_value:.3f}", "tok/s": f"{avg_tps:,.0f}",
                                  "peak": f"{record['peak_mem_gib']:.2f}G"})
                 if (step + 1) % cfg.log_every == 0 or step + 1 == total or step == start_step:
-                    progress.write(f"step {step + 1:>5}/{total}  loss {loss_value:7.4f}  lr {lr:.2e}  "
-                                   f"tok/s {avg_tps:8,.0f}  peak {record['peak_mem_gib']:.2f} GiB")
+                    window = losses[max(last_logged, len(losses) - cfg.log_every):]
+                    last_logged = len(losses)
+                    mean = f" (mean of {len(window)}: {sum(window) / len(window):.3f})" if len(window) > 1 else ""
+                    progress.write(f"step {step + 1:>5}/{total}  loss {loss_value:7.4f}{mean}  lr {lr:.2e}  "
+                                   f"tok/s {avg_tps:,.0f}  peak {record['peak_mem_gib']:.2f} GiB")
                 if cfg.save_every and ((step + 1) % cfg.save_every == 0 or step + 1 == total):
                     state = {"step": step + 1, "total_steps": total, "sampler": sampler.state_dict(),
                              "scheduler": scheduler.state_dict(),
@@ -444,8 +448,10 @@ class Trainer:
         result.kernels = chosen_kernels()
         self.log(format_kernels(result.kernels))
         if losses:
-            self.log(f"done: {total - start_step} steps in {result.seconds:.1f} s, loss {losses[0]:.3f} -> "
-                     f"{losses[-1]:.3f}")
+            k = max(1, min(cfg.log_every, len(losses) // 4))
+            first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+            self.log(f"done: {total - start_step} steps in {result.seconds:.1f} s; loss {first:.3f} -> {last:.3f} "
+                     f"(mean of the first and last {k} steps)")
         return result
 
     def forward_backward(self, batches: Sequence[dict], *, autocast_dtype: torch.dtype | None = None,

@@ -1,0 +1,85 @@
+"""On a GPU: offloaded checkpointing (gradients, memory) and a bf16 training run. Skipped on the CPU."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from slipstream.train.config import TrainConfig
+from slipstream.train.offload import apply_checkpointing
+from slipstream.train.packing import PackedCollator
+from slipstream.train.trainer import Trainer
+from tests.train.conftest import make_model_dir
+from tests.train.test_gradients import assert_grads_close, fresh_rows, lora_grads, perturb_lora_b
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
+
+
+def gpu_model(tmp_path, dtype, dropout=0.0, **config):
+    from slipstream.train.fast_model import FastModel
+
+    folder = make_model_dir(tmp_path / "model", **config)
+    model, tok = FastModel.from_pretrained(folder, max_seq_length=2048, init="random", dtype=dtype,
+                                           device="cuda", verbose=False)
+    model = FastModel.get_peft_model(model, r=8, lora_alpha=16, lora_dropout=dropout,
+                                     gradient_checkpointing=False, verbose=False)
+    model.train()
+    return model, tok
+
+
+def test_offload_same_gradients_on_gpu(tmp_path):
+    model, _ = gpu_model(tmp_path, torch.float32, dropout=0.1)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    batch = {k: v.cuda() for k, v in PackedCollator(0)(fresh_rows(2, 128, gen)).items()}
+    perturb_lora_b(model, gen)
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(7)
+        model(**batch, use_cache=False).loss.backward()
+        torch.cuda.synchronize()
+        return lora_grads(model)
+
+    results = {}
+    for policy in (False, True, "offload"):
+        assert apply_checkpointing(model, policy, verbose=False) == {False: "none", True: "checkpoint"}.get(
+            policy, "offload")
+        grads()  # warm-up (first-call dispatch decisions)
+        results[policy] = grads()
+    # same fp32 kernels on the same inputs and RNG state; TF32 is off for fp32 by default in torch,
+    # only the accumulation order of the recompute may differ
+    assert_grads_close(results[True], results[False], rtol=1e-5, atol=1e-6)
+    assert_grads_close(results["offload"], results[False], rtol=1e-5, atol=1e-6)
+
+
+def test_offload_frees_layer_inputs(tmp_path):
+    layers, hidden = 8, 512
+    model, _ = gpu_model(tmp_path, torch.bfloat16, num_hidden_layers=layers, hidden_size=hidden,
+                         intermediate_size=1024, head_dim=64, num_attention_heads=8, num_key_value_heads=4)
+    ids = torch.randint(10, 3000, (4, 2048), device="cuda")
+    peaks = {}
+    for policy in (True, "offload"):
+        apply_checkpointing(model, policy, verbose=False)
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            torch.cuda.synchronize()
+            peaks[policy] = torch.cuda.max_memory_allocated() - base
+    layer_input = 4 * 2048 * hidden * 2
+    assert peaks["offload"] < peaks[True] - (layers - 3) * layer_input, peaks
+
+
+def test_bf16_training_on_gpu(tmp_path):
+    model, tok = gpu_model(tmp_path, None)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    cfg = TrainConfig(max_steps=12, batch_size=4, lr=5e-3, output_dir=str(tmp_path / "out"), log_every=100)
+    result = Trainer(model, tok, "builtin:stdlib-qa", cfg, verbose=False).train()
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert sum(result.losses[-3:]) < sum(result.losses[:3])
