@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -229,6 +230,9 @@ class FastModel:
         once it knows the batch size). ``random_state`` seeds the adapters' initialisation (the global
         RNG is left as it was), so the same call gives the same adapters.
         """
+        # bitsandbytes (imported by peft) warns at import that an optional CPU 4-bit kernel package is
+        # missing; it is irrelevant unless training 4-bit on the CPU, where bitsandbytes works without it.
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         import peft
 
         from slipstream.train.offload import apply_checkpointing, policy_name
