@@ -186,7 +186,7 @@ class FastModel:
         if attn_implementation:
             load_kwargs["attn_implementation"] = attn_implementation
         if device.type != "cpu":
-            load_kwargs["device_map"] = {"": device}
+            load_kwargs["device_map"] = {"": str(device)}
         if load_in_4bit:
             load_kwargs["quantization_config"] = _bnb_config(dtype, device)
         try:

@@ -162,9 +162,9 @@ class _OffloadedLayer(torch.autograd.Function):
             ctx.dev_rng = torch.get_device_module(hidden.device).get_rng_state(hidden.device)
         ctx.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
                         for t in {"cpu", hidden.device.type}}
+        saved.offload(hidden)  # starts the copy on the side stream; it overlaps the layer's compute
         with torch.no_grad():
             out = run(hidden, *args)
-        saved.offload(hidden)
         return out
 
     @staticmethod
