@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.utils.checkpoint
 
 from slipstream.device import DeviceInfo, device_info
 from slipstream.dispatch.cache import DecisionCache
@@ -26,6 +27,11 @@ from slipstream.dispatch.trace import CandidateReport, Decision
 from slipstream.dispatch.verify import Oracle, grad_targets, random_grad_outputs, run
 from slipstream.ops._spec import OpSpec
 from slipstream.registry import Candidate, Implementation, static_order
+
+# Exceptions that are control flow, not failures: non-reentrant checkpointing stops recomputation
+# early by raising through the ops; a kernel must not be blamed (and demoted) for that.
+_CONTROL_FLOW: tuple[type[BaseException], ...] = tuple(
+    t for t in (getattr(torch.utils.checkpoint, "_StopRecomputationError", None),) if t is not None)
 
 # Verification inputs are bounded so verifying costs milliseconds, not seconds.
 VERIFY_ELEMENTS = {"cpu": 1 << 16}
@@ -88,8 +94,8 @@ class Dispatcher:
             fn = self._decide(spec, key, args)
         try:
             return fn(*args)
-        except torch.OutOfMemoryError:
-            raise
+        except (torch.OutOfMemoryError, *_CONTROL_FLOW) as exc:
+            raise exc
         except Exception as exc:
             if fn is spec.reference:
                 raise
@@ -181,7 +187,9 @@ class Dispatcher:
             if fn is not None:
                 return fn
             started = time.perf_counter()
-            decision, fn = _in_clean_thread(self._choose, spec, key, args)
+            devices = [a.device.index for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"]
+            with torch.random.fork_rng(devices=devices):  # deciding must not shift the user's random stream
+                decision, fn = _in_clean_thread(self._choose, spec, key, args)
             decision.seconds = time.perf_counter() - started
             self.tuning_seconds += decision.seconds
             self._decisions[key] = decision
