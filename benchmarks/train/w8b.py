@@ -65,8 +65,15 @@ def build(shape: str, base: str, checkpointing: object, device: str):
 
 
 def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps: int, warm: int,
-        device: str) -> dict:
+        device: str, max_memory_gib: float | None = None) -> dict:
     model, cfg = build(shape, base, checkpointing, device)
+    plan = None
+    if checkpointing == "auto":  # plan for this batch, as the Trainer does (get_peft_model assumed batch 1)
+        from slipstream.train.memory import plan_for_model
+
+        plan = plan_for_model(model, batch=bsz, seq=seq, max_memory_gib=max_memory_gib)
+        plan.apply(model, verbose=False)
+        print(plan.describe(), flush=True)
     model.train()
     gc.collect()
     cuda = device.startswith("cuda")
@@ -103,6 +110,8 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
     for d in explain():
         chosen.setdefault(d.op, set()).add(d.chosen)
     return dict(system="slipstream", shape=shape, base=base, checkpointing=str(checkpointing), bsz=bsz, seq=seq,
+                max_memory_gib=max_memory_gib,
+                plan=None if plan is None else f"{plan.choice}:{plan.checkpointed_layers}",
                 step_s=round(med, 4), tok_s=round(bsz * seq / med),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 first_step_s=round(tune_s, 1), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
@@ -121,10 +130,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--max-memory-gib", type=float, default=None,
+                    help='with --checkpointing auto: the device memory the planner may use, weights included')
     a = ap.parse_args()
     policy = {"true": True, "false": False}.get(a.checkpointing.lower(), a.checkpointing)
     try:
-        result = run(a.shape, a.base, policy, a.bsz, a.seq, a.steps, a.warm, a.device)
+        result = run(a.shape, a.base, policy, a.bsz, a.seq, a.steps, a.warm, a.device, a.max_memory_gib)
     except Exception as exc:  # one failing configuration must not hide the others' numbers
         import traceback
 

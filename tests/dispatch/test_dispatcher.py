@@ -138,6 +138,16 @@ def test_force_by_api_and_env(acme, monkeypatch):
     force("attention", None)
 
 
+def test_force_env_keeps_commas_inside_config_labels():
+    from slipstream.dispatch.dispatcher import _parse_force
+
+    raw = "lora_linear=nvidia.lora_linear[base=cublas,bytes=4096,num_warps=8], attention=nvidia.sdpa_cudnn"
+    assert _parse_force(raw) == {"lora_linear": "nvidia.lora_linear[base=cublas,bytes=4096,num_warps=8]",
+                                 "attention": "nvidia.sdpa_cudnn"}
+    with pytest.raises(ValueError, match="op=implementation"):
+        _parse_force("lora_linear")
+
+
 def test_unknown_op_cannot_be_forced():
     with pytest.raises(KeyError, match="unknown op 'attn'"):
         force("attn", "reference.attention")

@@ -172,7 +172,10 @@ def test_custom_module_lm_maps_structurally():
 
 
 # ----------------------------------------------------------------------------- QLoRA: peft lora.Linear4bit
-def test_lora_linear4bit_uses_quantized_weight():
+@pytest.mark.parametrize("flagged", [True, False], ids=["peft-lora.Linear4bit", "peft-lora.Linear-over-Linear4bit"])
+def test_lora_linear4bit_uses_quantized_weight(flagged: bool):
+    """Both peft layer types over a bitsandbytes NF4 base run ops.lora_linear on the packed weight: the
+    model flagged ``is_loaded_in_4bit`` (from_pretrained) and layers quantised by hand (peft's dense layer)."""
     bnb = pytest.importorskip("bitsandbytes")
     from peft import LoraConfig, get_peft_model
 
@@ -188,7 +191,7 @@ def test_lora_linear4bit_uses_quantized_weight():
             pytest.skip(f"bitsandbytes cannot quantise on the CPU here: {exc}")
 
     class Quantized(nn.Module):
-        is_loaded_in_4bit = True  # what peft checks to dispatch lora.Linear4bit
+        is_loaded_in_4bit = flagged  # what peft checks to dispatch lora.Linear4bit
 
         def __init__(self) -> None:
             super().__init__()
@@ -202,6 +205,8 @@ def test_lora_linear4bit_uses_quantized_weight():
         Quantized(), LoraConfig(r=4, target_modules=["up", "down"], lora_dropout=0.0, init_lora_weights=False)
     )
     fast = copy.deepcopy(slow)
+    peft_layer = type(fast.base_model.model.up).__name__
+    assert peft_layer == ("Linear4bit" if flagged else "Linear")
     report = accelerate(fast)
     assert report.counts() == {"lora_linear": 2}
     assert all("NF4/FP4 base" in m.detail for m in report.accelerated)

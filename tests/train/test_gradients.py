@@ -74,7 +74,7 @@ def test_accumulation_2x2_equals_one_batch_of_4(tiny_dir):
     assert worst > 0.05
 
 
-@pytest.mark.parametrize("policy", [True, "offload"])
+@pytest.mark.parametrize("policy", [True, "offload", "partial"])
 def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
     model, tok = load_tiny(tiny_dir, accelerate=True, dropout=0.1)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
@@ -91,15 +91,46 @@ def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
     apply_checkpointing(model, False, verbose=False)
     grads()  # warm-up: the dispatcher's first-call decisions draw from the global RNG (dropout's too)
     reference = grads()
-    applied = apply_checkpointing(model, policy, force_offload=True, verbose=False)
-    assert applied == ("checkpoint" if policy is True else "offload")
     layers = checkpoint_layers(model)
-    assert layers and all(layer.gradient_checkpointing for layer in layers)
+    if policy == "partial":  # the memory planner's split: the first layer checkpointed, the rest not
+        applied = apply_checkpointing(model, True, layers=1, verbose=False)
+        assert applied == "checkpoint" and len(layers) > 1
+        assert [layer.gradient_checkpointing for layer in layers] == [True] + [False] * (len(layers) - 1)
+    else:
+        applied = apply_checkpointing(model, policy, force_offload=True, verbose=False)
+        assert applied == ("checkpoint" if policy is True else "offload")
+        assert layers and all(layer.gradient_checkpointing for layer in layers)
     grads()  # warm-up again: offloading runs the layers' forward under no_grad, which decides anew
     got = grads()
     # Recomputation runs the same fp32 ops on the same inputs with the same RNG state: forward
     # values are bit-identical; only gradient accumulation order may differ (ulps).
     assert_grads_close(got, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_partial_layer_count_is_checked(tiny_dir):
+    model, _ = load_tiny(tiny_dir, accelerate=False)
+    n = len(checkpoint_layers(model))
+    with pytest.raises(ValueError, match=f"between 0 and the model's {n} decoder layers"):
+        apply_checkpointing(model, True, layers=n + 1, verbose=False)
+
+
+def test_memory_cap_bounds_the_plan(tiny_dir):
+    from slipstream.train.memory import allocated_bytes, plan_for_model
+
+    model, _ = load_tiny(tiny_dir, accelerate=True)
+    roomy = plan_for_model(model, batch=2, seq=128)
+    assert roomy.choice == "none"
+    weights = allocated_bytes(model, torch.device("cpu"))
+    per_layer = roomy.per_layer_bytes
+    # a cap leaving room (after the planner's 10 % headroom) for the weights, the fixed reserve and
+    # about one and a half layers' activations: the two layers' activations do not fit
+    cap = weights + (roomy.extra["fixed_bytes"] + 1.5 * per_layer) / 0.9
+    capped = plan_for_model(model, batch=2, seq=128, max_memory_gib=cap / 2**30)
+    assert capped.free_bytes == int(cap) - weights
+    assert capped.choice == "partial" and capped.checkpointed_layers == 1
+    assert capped.need_bytes["partial"] <= capped.budget_bytes < capped.need_bytes["none"]
+    with pytest.raises(ValueError, match="max_memory_gib must be positive"):
+        plan_for_model(model, batch=2, seq=128, max_memory_gib=0)
 
 
 def test_offload_degrades_to_checkpointing_on_cpu(tiny_dir, capsys):

@@ -27,11 +27,33 @@ def test_8b_checkpoints_when_activations_do_not_fit():
     # 2 x 2048 tokens, bf16: ~0.69 GB per layer x 32 + 5.3 GB logits ~ 28 GB without checkpointing
     roomy = plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=60 * GIB, trainable_params=42_000_000)
     assert roomy.choice == "none"
-    p = plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=24 * GIB, host_free_bytes=200 * GIB,
+    p = plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=int(9.1 * GIB), host_free_bytes=200 * GIB,
              trainable_params=42_000_000)
     assert p.need_bytes["none"] > p.need_bytes["checkpoint"] > p.need_bytes["offload"]
-    assert p.choice == "checkpoint" and p.checkpointing is True
-    assert "none would need" in p.reason
+    # keeping one layer's activations costs no more than the recompute buffer full checkpointing needs
+    assert p.need_bytes["partial"] <= p.need_bytes["checkpoint"]
+    assert p.choice == "partial" and p.checkpointing is True and p.checkpointed_layers == 31
+    tight = plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=8 * GIB, host_free_bytes=200 * GIB,
+                 trainable_params=42_000_000)
+    assert tight.choice == "offload" and tight.checkpointed_layers == 32 and "checkpoint would need" in tight.reason
+
+
+def test_partial_checkpoints_the_fewest_layers_that_fit():
+    # 2 x 2048 bf16, loss fused: per layer 4096*2*(4*4096 + 2*4096 + 2*1024 + 4*14336 + 112) + 4096*4*34 bytes
+    per_layer = 4096 * 2 * (16384 + 8192 + 2048 + 57344 + 112) + 4096 * 4 * 34
+    layer_input = 4096 * 4096 * 2
+    fixed = 42_000_000 * 12 + 768 * 2**20
+    p = plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=16 * GIB, trainable_params=42_000_000,
+             fused_loss=True)
+    k = p.checkpointed_layers
+    assert p.choice == "partial" and p.checkpointing is True and 0 < k < 32
+    need = lambda k: (32 - k) * per_layer + k * layer_input + fixed  # noqa: E731
+    assert need(k) <= p.budget_bytes < need(k - 1)  # the fewest: one layer fewer would not fit
+    assert p.need_bytes["partial"] == need(k)
+    assert f"partial ({k} of 32 layers checkpointed)" in p.describe()
+    roomier = plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=20 * GIB, trainable_params=42_000_000,
+                   fused_loss=True)
+    assert roomier.choice == "partial" and roomier.checkpointed_layers < k
 
 
 def test_8b_long_context_offloads():
@@ -55,10 +77,12 @@ def test_cpu_never_offloads():
 
 @pytest.mark.parametrize("free_gib", [1, 4, 16, 64, 256])
 def test_monotone_in_free_memory(free_gib):
-    order = ["none", "checkpoint", "offload"]
+    order = ["none", "partial", "checkpoint", "offload"]
     small = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=free_gib * GIB)
     large = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=2 * free_gib * GIB)
     assert order.index(large.choice) <= order.index(small.choice)
+    if order.index(large.choice) == order.index(small.choice) and small.choice != "offload":
+        assert large.checkpointed_layers <= small.checkpointed_layers
 
 
 def test_fused_loss_drops_logits():

@@ -10,6 +10,7 @@ inputs of the call's full shape, and the fastest correct one is kept, in memory 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 import time
@@ -53,7 +54,9 @@ def _flag(name: str) -> bool | None:
 
 def _parse_force(raw: str) -> dict[str, str]:
     out = {}
-    for part in filter(None, (p.strip() for p in raw.split(","))):
+    # Commas inside [...] belong to a config label (nvidia.lora_linear[base=cublas,bytes=4096]).
+    parts = re.split(r",(?![^\[]*\])", raw)
+    for part in filter(None, (p.strip() for p in parts)):
         op, sep, impl = part.partition("=")
         if not sep or not op.strip() or not impl.strip():
             raise ValueError(f"SLIPSTREAM_FORCE entries look like op=implementation, got {part!r}")

@@ -137,6 +137,10 @@ def apply(build: Build) -> None:
             quantized, transposed = False, True
         elif q4_cls is not None and kind is q4_cls and bnb4 is not None and isinstance(base, bnb4):
             quantized = True
+        elif kind is dense_cls and bnb4 is not None and type(base) is bnb4:
+            # peft picks its dense lora.Linear when the model isn't flagged ``is_loaded_in_4bit`` (layers
+            # quantised by hand); the base is still bitsandbytes' NF4/FP4 Linear4bit.
+            quantized = True
         else:
             build.skip(
                 module,

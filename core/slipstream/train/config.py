@@ -120,6 +120,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_key("train"))
     log_every: int = field(default=1, metadata=_key("train"))
     max_seq_length: int | None = field(default=None, metadata=_key("train"))  # None: the model's
+    # device memory the "auto" checkpointing planner may plan for, weights included (GiB); None: all free
+    max_memory_gib: float | None = field(default=None, metadata=_key("train"))
     # [data] (how examples become rows)
     completion_only: bool = field(default=True, metadata=_key("data"))
     packing: bool = field(default=True, metadata=_key("data"))
@@ -141,6 +143,8 @@ class TrainConfig:
         _choice("output", "merged_dtype", self.merged_dtype, ("auto", "bf16", "fp16", "fp32"))
         for name in ("batch_size", "grad_accum", "log_every", "keep_last"):
             _positive("train", name, getattr(self, name))
+        if self.max_memory_gib is not None and not self.max_memory_gib > 0:
+            raise ConfigError(f"[train] max_memory_gib must be a positive number of GiB, got {self.max_memory_gib}")
         if self.max_steps is not None and self.max_steps < 0:
             raise ConfigError(f"[train] max_steps must be >= 0, got {self.max_steps}")
         if self.save_every < 0:

@@ -259,7 +259,7 @@ class FastModel:
             plan = plan_for_model(peft_model, batch=1, seq=seq)
             if verbose:
                 print(f"{plan.describe()} (batch 1 x {seq}; the Trainer plans again for its batch)")
-            applied = apply_checkpointing(peft_model, plan.checkpointing, verbose=verbose)
+            applied = plan.apply(peft_model, verbose=verbose)
         else:
             applied = apply_checkpointing(peft_model, gradient_checkpointing, verbose=verbose)
             if verbose and policy_name(gradient_checkpointing) != "none":

@@ -42,16 +42,21 @@ def checkpoint_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, force_offload: bool = False,
-                        verbose: bool = True) -> str:
+def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, layers: int | None = None,
+                        force_offload: bool = False, verbose: bool = True) -> str:
     """Set ``policy`` (False/True/"offload", or a policy name) on ``model``'s decoder layers.
 
-    Returns the policy applied (``"none"``, ``"checkpoint"`` or ``"offload"``). ``force_offload``
-    runs the offloading code path on the CPU too (tests), where it copies into host memory.
+    ``layers`` limits checkpointing to the first ``layers`` decoder layers (the memory planner's
+    ``partial`` policy); the others keep their activations. Returns the policy applied (``"none"``,
+    ``"checkpoint"`` or ``"offload"``). ``force_offload`` runs the offloading code path on the CPU
+    too (tests), where it copies into host memory.
     """
     name = policy_name(policy)
-    layers = checkpoint_layers(model)
-    if name != "none" and not layers:
+    all_layers = checkpoint_layers(model)
+    if layers is not None and not 0 <= layers <= len(all_layers):
+        raise ValueError(f"layers must be between 0 and the model's {len(all_layers)} decoder layers, got {layers}")
+    chosen = all_layers if layers is None else all_layers[:layers]
+    if name != "none" and not all_layers:
         raise ValueError(f"{type(model).__name__} has no transformers GradientCheckpointingLayer modules, so "
                          f"gradient checkpointing cannot be applied; use gradient_checkpointing=False")
     device = _device_of(model)
@@ -65,8 +70,9 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, fo
         func = plain_checkpoint
     elif name == "offload":
         func = OffloadedCheckpoint(device)
-    for layer in layers:
-        layer.gradient_checkpointing = name != "none"
+    picked = {id(m) for m in chosen}
+    for layer in all_layers:
+        layer.gradient_checkpointing = name != "none" and id(layer) in picked
         if func is not None:
             layer._gradient_checkpointing_func = func
     config = getattr(model, "config", None)

@@ -365,11 +365,11 @@ class Trainer:
         if info.get("gradient_checkpointing_requested") != "auto":
             return
         from slipstream.train.memory import plan_for_model
-        from slipstream.train.offload import apply_checkpointing
 
-        plan = plan_for_model(self.model, batch=self.config.batch_size, seq=self.max_length)
+        plan = plan_for_model(self.model, batch=self.config.batch_size, seq=self.max_length,
+                              max_memory_gib=self.config.max_memory_gib)
         self.log(f"{plan.describe()} (batch {self.config.batch_size} x {self.max_length})")
-        apply_checkpointing(self.model, plan.checkpointing, verbose=self.verbose)
+        plan.apply(self.model, verbose=self.verbose)
 
     def _settings(self) -> dict:
         return {"train": dataclasses.asdict(self.config), "run": self.run_config,

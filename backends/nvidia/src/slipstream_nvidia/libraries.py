@@ -38,6 +38,18 @@ def sdpa_accepts(q, k, v, causal=True, scale=None, sliding_window=None, softcap=
             (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)
 
 
+def cudnn_accepts(q, k, v, causal=True, scale=None, sliding_window=None, softcap=None, cu_seqlens=None) -> bool:
+    """cuDNN's SDPA also refuses a single query/key position and head dims below 16 or not a multiple of 8
+    ("No available kernel" on the H100, torch 2.11)."""
+    return (sdpa_accepts(q, k, v, causal, scale, sliding_window, softcap, cu_seqlens) and q.shape[-2] > 1
+            and q.shape[-1] % 8 == 0 and q.shape[-1] >= 16)
+
+
+def accepts_for(backend: str):
+    """The input predicate for one SDPA backend."""
+    return cudnn_accepts if backend == "cudnn" else sdpa_accepts
+
+
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 

@@ -29,7 +29,7 @@ def slipstream_register_kernels(registry: Registry) -> None:
                      description=kernel.description or f"Triton {kernel.name}")
     for backend in libraries.SDPA_BACKENDS:
         registry.add("attention", f"{PREFIX}.sdpa_{backend}", libraries.sdpa(backend), devices=is_nvidia,
-                     accepts=libraries.sdpa_accepts, kind="vendor", description=f"torch SDPA ({backend})")
+                     accepts=libraries.accepts_for(backend), kind="vendor", description=f"torch SDPA ({backend})")
     if libraries.flash_attn_available():
         registry.add("attention", f"{PREFIX}.flash_attn", libraries.flash_attn, devices=is_nvidia,
                      accepts=libraries.flash_attn_accepts, kind="vendor", description="flash-attn package")
