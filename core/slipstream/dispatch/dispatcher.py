@@ -37,6 +37,10 @@ _CONTROL_FLOW: tuple[type[BaseException], ...] = tuple(
 # Verification inputs are bounded so verifying costs milliseconds, not seconds.
 VERIFY_ELEMENTS = {"cpu": 1 << 16}
 VERIFY_ELEMENTS_DEFAULT = 1 << 22
+# Timing rounds per candidate when tuning (best of the rounds' medians). On the H100 single rounds
+# ranked the same config 2x apart from one candidate to the next (clock ramps after compiles).
+TIMING_ROUNDS = {"cpu": 1}
+TIMING_ROUNDS_DEFAULT = 2
 
 
 class DispatchError(RuntimeError):
@@ -264,7 +268,10 @@ class Dispatcher:
             if grad_targets(spec, timing_args):
                 probe = run(spec.reference, spec, timing_args, None).outputs
                 grad_outs = random_grad_outputs(probe)
-            best: tuple[float, Candidate, CandidateReport] | None = None
+            # Verify everything first (this also compiles each candidate), then time the survivors in
+            # interleaved rounds (alternating order) keeping each one's best median: a candidate timed
+            # right after a compile pause, or during a clock ramp, is not penalised for it.
+            passing: list[tuple[Candidate, Callable, CandidateReport]] = []
             for cand in candidates:
                 fn = cand.function()
                 report = CandidateReport(cand.label, cand.impl.plugin, cand.impl.kind, "accepted")
@@ -275,17 +282,25 @@ class Dispatcher:
                     if not verdict.ok:
                         report.status, report.reason = "rejected", verdict.reason
                         continue
-                try:
-                    report.time_ms = median_ms(lambda fn=fn: run(fn, spec, timing_args, grad_outs),
-                                               args[0].device if isinstance(args[0], torch.Tensor) else
-                                               info.torch_device)
-                except torch.OutOfMemoryError:
-                    report.status, report.reason = "rejected", "out of memory while timing"
-                    continue
-                except Exception as exc:
-                    report.status, report.reason = "rejected", f"raised while timing: {type(exc).__name__}: {exc}"
-                    continue
-                if best is None or report.time_ms < best[0]:
+                passing.append((cand, fn, report))
+            where = args[0].device if isinstance(args[0], torch.Tensor) else info.torch_device
+            rounds = TIMING_ROUNDS.get(info.type, TIMING_ROUNDS_DEFAULT) if len(passing) > 1 else 1
+            for round_ in range(rounds):
+                for _cand, fn, report in (passing if round_ % 2 == 0 else passing[::-1]):
+                    if report.status == "rejected":
+                        continue
+                    try:
+                        ms = median_ms(lambda fn=fn: run(fn, spec, timing_args, grad_outs), where)
+                    except torch.OutOfMemoryError:
+                        report.status, report.reason = "rejected", "out of memory while timing"
+                        continue
+                    except Exception as exc:
+                        report.status, report.reason = "rejected", f"raised while timing: {type(exc).__name__}: {exc}"
+                        continue
+                    report.time_ms = ms if report.time_ms is None else min(report.time_ms, ms)
+            best: tuple[float, Candidate, CandidateReport] | None = None
+            for cand, _fn, report in passing:
+                if report.status != "rejected" and (best is None or report.time_ms < best[0]):
                     best = (report.time_ms, cand, report)
         if best is None:
             raise DispatchError(f"{spec.name}: every candidate was rejected for {shapes} on {info.describe()}:\n"
