@@ -65,7 +65,7 @@ def build(shape: str, base: str, checkpointing: object, device: str):
 
 
 def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps: int, warm: int,
-        device: str, max_memory_gib: float | None = None) -> dict:
+        device: str, max_memory_gib: float | None = None, prewarm_seq: int = 0) -> dict:
     model, cfg = build(shape, base, checkpointing, device)
     plan = None
     if checkpointing == "auto":  # plan for this batch, as the Trainer does (get_peft_model assumed batch 1)
@@ -82,6 +82,10 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
         torch.cuda.reset_peak_memory_stats()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(1)
+    if prewarm_seq:  # compile kernels on a short sequence, so a long-context step is timed without JIT work
+        ids = torch.randint(0, cfg.vocab_size, (bsz, prewarm_seq), device=device, generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.zero_grad(set_to_none=True)
     times, losses = [], []
     tune_s = 0.0
     for i in range(warm + steps):
@@ -130,12 +134,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--prewarm-seq", type=int, default=0,
+                    help="one untimed step at this sequence length first (long-context runs with --warm 0)")
     ap.add_argument("--max-memory-gib", type=float, default=None,
                     help='with --checkpointing auto: the device memory the planner may use, weights included')
     a = ap.parse_args()
     policy = {"true": True, "false": False}.get(a.checkpointing.lower(), a.checkpointing)
     try:
-        result = run(a.shape, a.base, policy, a.bsz, a.seq, a.steps, a.warm, a.device, a.max_memory_gib)
+        result = run(a.shape, a.base, policy, a.bsz, a.seq, a.steps, a.warm, a.device, a.max_memory_gib, a.prewarm_seq)
     except Exception as exc:  # one failing configuration must not hide the others' numbers
         import traceback
 
