@@ -90,3 +90,11 @@ def test_cli_overrides(tmp_path):
                                                            "--output-dir", str(tmp_path / "o")])
     cfg = build_config(args)
     assert cfg.train.resume and cfg.train.max_steps == 3 and cfg.train.output_dir == str(tmp_path / "o")
+
+
+def test_max_memory_gib_is_read_and_checked():
+    assert config_from_dict({"train": {"max_memory_gib": 23.4}}).train.max_memory_gib == 23.4
+    assert config_from_dict({}).train.max_memory_gib is None
+    for bad in (0, -1):
+        with pytest.raises(ConfigError, match="max_memory_gib must be a positive number of GiB"):
+            config_from_dict({"train": {"max_memory_gib": bad}})
