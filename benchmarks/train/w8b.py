@@ -38,7 +38,8 @@ def quantize_to_nf4(model: torch.nn.Module, device: str) -> None:
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
                                       compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
                                       device="cpu")
-                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                # quantised where the weight already is (on the GPU: no host round trip of 16 GB)
+                q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
                                              compress_statistics=True)
                 setattr(module, cname, q.to(device))
     torch.cuda.empty_cache()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -46,3 +48,15 @@ def test_report_tables_mixed_lines(tmp_path):
     assert capped in md
     assert "| Liger-Kernel 0.8.5 | checkpointing on | 5,949 | 8.14 | - |" in md  # no HF row for nf4: no ratio
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["device"] == "GPU X"
+
+
+def test_w8b_tiny_nf4_routes_lora_through_slipstream():
+    """Layers quantised by hand (peft then picks its dense lora.Linear over bnb Linear4bit) still run
+    ops.lora_linear: the H100 NF4 run of 2026-11-23 had missed that."""
+    pytest.importorskip("bitsandbytes")
+    out = subprocess.run([sys.executable, "benchmarks/train/w8b.py", "--shape", "tiny", "--device", "cpu",
+                          "--base", "nf4", "--checkpointing", "true", "--bsz", "1", "--seq", "32", "--steps", "1",
+                          "--warm", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=True).stdout
+    row = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
+    assert "error" not in row, row
+    assert "lora_linear" in row["chosen"], row["chosen"]
