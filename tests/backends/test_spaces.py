@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from slipstream.device import DeviceInfo, amd_wavefront
+from slipstream.kernels import _space as space
 from slipstream.kernels import catalog
 from slipstream_rocm import spaces as amd
 from slipstream_rocm.families import FAMILIES as AMD_FAMILIES
@@ -43,10 +44,10 @@ def test_amd_space_is_legal(kernel, family):
     assert configs, f"{kernel.name}: empty space on {family}"
     for cfg in configs:
         dot = "matrix_instr_nonkdim" in cfg
-        for key in amd.warp_keys(cfg):
+        for key in space.warp_keys(cfg):
             assert cfg[key] & (cfg[key] - 1) == 0 and cfg[key] * fam.wave <= 1024, cfg
         assert "waves_per_eu" in cfg
-        assert all(cfg[k] <= fam.max_stages for k in amd.stage_keys(cfg))
+        assert all(cfg[k] <= fam.max_stages for k in space.stage_keys(cfg))
         assert amd.lds_estimate(cfg, dot, fam) <= fam.lds_bytes or len(configs) == 1, cfg
         if dot:
             assert cfg["matrix_instr_nonkdim"] in (0, 16, 32)
@@ -66,9 +67,9 @@ def test_intel_space_is_legal(kernel, family):
     assert configs, f"{kernel.name}: empty space on {family}"
     for cfg in configs:
         ws = cfg["warp_size"]
-        dot = intel.uses_dot(kernel, {k: v for k, v in cfg.items() if k not in ("warp_size", "grf_mode")})
+        dot = space.uses_dot(kernel, {k: v for k, v in cfg.items() if k not in ("warp_size", "grf_mode")})
         assert ws in fam.sub_groups and cfg["grf_mode"] in ("default", "large"), cfg
-        for key in intel.warp_keys(cfg):
+        for key in space.warp_keys(cfg):
             nw = cfg[key]
             assert nw & (nw - 1) == 0 and nw * ws <= 1024 and nw <= fam.max_warps(cfg["grf_mode"]), cfg
         if cfg["grf_mode"] == "large":
@@ -80,8 +81,8 @@ def test_intel_space_is_legal(kernel, family):
 
 def test_uses_dot_reads_the_kernel_source():
     swiglu, gemm = toy_kernels.KERNELS
-    assert not amd.uses_dot(swiglu) and amd.uses_dot(gemm)
-    assert not intel.uses_dot(swiglu) and intel.uses_dot(gemm)
+    assert not space.uses_dot(swiglu) and space.uses_dot(gemm)
+    assert not space.uses_dot(swiglu) and space.uses_dot(gemm)
 
 
 def test_lds_estimate():
