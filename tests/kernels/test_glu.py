@@ -3,18 +3,13 @@ forward and backward, under Triton's CPU interpreter; plus ahead-of-time compila
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from slipstream.kernels import glu as kmod
 from slipstream.ops.geglu import SPEC as GEGLU
 from slipstream.ops.swiglu import SPEC as SWIGLU
-from tests.helpers import assert_matches_reference
+from tests.helpers import aot_compile_sm90, assert_matches_reference
 
 CPU = torch.device("cpu")
 SPECS = {"swiglu": SWIGLU, "geglu": GEGLU}
@@ -102,20 +97,7 @@ def test_kernels_entry() -> None:
 
 
 def test_aot_compiles_for_sm90() -> None:
-    """Every unit of the first config of both kernels compiles for sm_90 (in a subprocess: AOT needs
-    Triton's real JIT functions, which don't exist under TRITON_INTERPRET=1)."""
-    code = (
-        "import json\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from slipstream.kernels._aot import compile_unit\n"
-        "from slipstream.kernels.glu import KERNELS\n"
-        "res = [compile_unit(u, GPUTarget('cuda', 90, 32)) for k in KERNELS for u in k.aot(k.configs[0])]\n"
-        "print(json.dumps([[r.unit, r.ok, r.error] for r in res]))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    """Every unit of the first config of both kernels compiles for sm_90."""
+    results = aot_compile_sm90("from slipstream.kernels.glu import KERNELS\n"
+                               "units = [u for k in KERNELS for u in k.aot(k.configs[0])]")
     assert len(results) == 6, results
-    failed = [r for r in results if not r[1]]
-    assert not failed, failed

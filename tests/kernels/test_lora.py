@@ -6,11 +6,6 @@ per-dtype tolerance, every gradient that is asked for. Inputs are fresh random t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,7 +15,7 @@ from slipstream.kernels.lora import CONFIGS, KERNELS, accepts, lora_linear, lora
 from slipstream.ops._spec import MATMUL_TOLERANCES
 from slipstream.ops.lora_linear import SPEC, reference
 from slipstream.quant import QuantizedWeight, quantize_nf4
-from tests.helpers import assert_matches_reference
+from tests.helpers import aot_compile_sm90, assert_matches_reference
 
 CPU = torch.device("cpu")
 TRITON_CONFIGS = [c for c in CONFIGS if c["base"] == "triton"]
@@ -361,37 +356,12 @@ def test_accepts():
     assert accepts(x, quantize_nf4(torch.randn(16, 96), 32), a, b, s, bias)
 
 
-AOT_SCRIPT = """
-import json
-from triton.backends.compiler import GPUTarget
-from slipstream.kernels._aot import compile_unit
-from slipstream.kernels.lora import KERNELS
-(kernel,) = KERNELS
-first = {}  # the first config of each base: every kernel form, in a test-sized compile time
-for config in kernel.configs:
-    first.setdefault(config["base"], config)
-seen, results = set(), []
-for config in first.values():
-    for unit in kernel.aot(config):
-        key = (unit.name, repr(sorted(unit.constexprs.items())), repr(sorted(unit.options.items())))
-        if key not in seen:
-            seen.add(key)
-            r = compile_unit(unit, GPUTarget("cuda", 90, 32))
-            results.append([unit.name, r.ok, r.error])
-print(json.dumps(results))
-"""
-
-
 def test_aot_units_compile_for_sm90():
     """The dequantisation and every fused-GEMM form (forward with/without bias, backward with/without
-    accumulation) compile for sm_90. In a fresh process: under TRITON_INTERPRET=1 the kernels are
-    interpreter objects. (The full config x target matrix is ci/compile_matrix.py's job.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    accumulation) compile for sm_90: the first config of each base, every kernel form in a test-sized
+    compile time."""
+    results = aot_compile_sm90(
+        "from slipstream.kernels.lora import KERNELS\n(kernel,) = KERNELS\nfirst = {}\n"
+        "for config in kernel.configs:\n    first.setdefault(config['base'], config)\n"
+        "units = [u for config in first.values() for u in kernel.aot(config)]")
     assert any("lora_gemm" in name for name, _, _ in results)
-    failed = [(name, error) for name, ok, error in results if not ok]
-    assert not failed, failed

@@ -7,16 +7,12 @@ last block) and every output dtype.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from slipstream.kernels import nf4
 from slipstream.quant import QuantizedWeight, quantize_nf4
+from tests.helpers import aot_compile_sm90
 
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -111,28 +107,9 @@ def test_rejects_what_it_cannot_read():
     assert nf4.supports(quantize_nf4(torch.randn(8, 64)))
 
 
-AOT_SCRIPT = """
-import json
-from triton.backends.compiler import GPUTarget
-from slipstream.kernels._aot import compile_unit
-from slipstream.kernels import nf4
-results = []
-for config in ({"bytes": 2048, "num_warps": 4}, {"bytes": 4096, "num_warps": 8}):
-    for unit in nf4.aot_units(config):
-        r = compile_unit(unit, GPUTarget("cuda", 90, 32))
-        results.append([unit.name, r.ok, r.error])
-print(json.dumps(results))
-"""
-
-
 def test_aot_compiles_for_hopper():
-    """Compiled in a fresh process: under TRITON_INTERPRET=1 the kernels are interpreter objects."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = aot_compile_sm90(
+        "from slipstream.kernels import nf4\n"
+        "units = [u for c in ({'bytes': 2048, 'num_warps': 4}, {'bytes': 4096, 'num_warps': 8}) "
+        "for u in nf4.aot_units(c)]")
     assert len(results) == 8
-    failed = [(name, error) for name, ok, error in results if not ok]
-    assert not failed, failed

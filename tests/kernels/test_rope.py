@@ -3,17 +3,12 @@ backward, under Triton's CPU interpreter; plus ahead-of-time compilation for sm_
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from slipstream.kernels import rope as kmod
 from slipstream.ops.rope import SPEC
-from tests.helpers import assert_matches_reference
+from tests.helpers import aot_compile_sm90, assert_matches_reference
 
 CPU = torch.device("cpu")
 
@@ -135,21 +130,5 @@ def test_kernels_entry() -> None:
 
 
 def test_aot_compiles_for_sm90() -> None:
-    """Every unit of the first config compiles for sm_90 (in a subprocess: AOT needs Triton's real
-    JIT functions, which don't exist under TRITON_INTERPRET=1)."""
-    code = (
-        "import json\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from slipstream.kernels._aot import compile_unit\n"
-        "from slipstream.kernels.rope import KERNELS\n"
-        "k = KERNELS[0]\n"
-        "res = [compile_unit(u, GPUTarget('cuda', 90, 32)) for u in k.aot(k.configs[0])]\n"
-        "print(json.dumps([[r.unit, r.ok, r.error] for r in res]))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert results, "aot() returned no units"
-    failed = [r for r in results if not r[1]]
-    assert not failed, failed
+    """Every unit of the first config compiles for sm_90."""
+    aot_compile_sm90("from slipstream.kernels.rope import KERNELS\nk = KERNELS[0]\nunits = k.aot(k.configs[0])")
