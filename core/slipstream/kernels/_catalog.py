@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import pkgutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from slipstream.kernels._aot import AotUnit
@@ -79,8 +80,43 @@ def catalog() -> list[PortableKernel]:
 VENDOR_LAUNCH_OPTIONS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack", "grf_mode")
 
 
+# Intel's sub-group size: slipstream configs say ``warp_size``; intel-xpu-backend-for-triton's
+# XPUOptions field is ``warp_size`` in current releases and ``threads_per_warp`` in older ones.
+INTEL_WARP_FIELDS = ("warp_size", "threads_per_warp")
+
+
+def intel_warp_option(option_fields: Iterable[str] | None) -> str | None:
+    """The launch option carrying the sub-group size, given the Intel backend's option field names
+    (``None``: no Intel backend installed, so the size is not forwarded)."""
+    fields = set(option_fields or ())
+    return next((f for f in INTEL_WARP_FIELDS if f in fields), None)
+
+
+@functools.cache
+def _installed_intel_option_fields() -> tuple[str, ...] | None:
+    try:
+        import dataclasses
+        import sys
+
+        from triton.backends import backends
+
+        backend = backends.get("intel") or backends.get("xpu")
+        if backend is None:
+            return None
+        module = sys.modules[backend.compiler.__module__]
+        options = next(getattr(module, n) for n in dir(module) if n.endswith("Options"))
+        return tuple(f.name for f in dataclasses.fields(options))
+    except Exception:  # no Intel backend, or one laid out differently: forward nothing
+        return None
+
+
 def launch_options(config: dict | None) -> dict:
     """The vendor-specific launch options present in ``config``, to spread into a kernel launch."""
     if not config:
         return {}
-    return {key: config[key] for key in VENDOR_LAUNCH_OPTIONS if key in config}
+    out = {key: config[key] for key in VENDOR_LAUNCH_OPTIONS if key in config}
+    if "warp_size" in config:
+        name = intel_warp_option(_installed_intel_option_fields())
+        if name is not None:
+            out[name] = config["warp_size"]
+    return out
