@@ -83,14 +83,17 @@ def test_fastest_correct_is_chosen_and_wrong_ones_never(acme):
     d = decision_for("attention")
     status = {c.label: c for c in d.candidates}
     assert d.mode == "tuned"
-    assert d.chosen == "acme.fast_correct", d.format()
+    timed = {c.label: c.time_ms for c in d.candidates if c.status in ("accepted", "chosen")}
+    # the fastest correct one: acme.fast_correct (SDPA), unless the reference happened to time faster
+    # (both are sub-millisecond on the CPU, and CI runs two test processes on two cores)
+    assert d.chosen == min(timed, key=timed.get) and d.chosen in ("acme.fast_correct", "reference.attention"), \
+        d.format()
     assert status["acme.fastest_wrong"].status == "rejected" and "off by" in status["acme.fastest_wrong"].reason
     assert status["acme.crashing"].status == "rejected" and "RuntimeError" in status["acme.crashing"].reason
     assert status["acme.nan_maker"].status == "rejected" and "NaN" in status["acme.nan_maker"].reason
     assert status["acme.bad_grads"].status == "rejected" and "grad_v" in status["acme.bad_grads"].reason
     assert status["acme.slow_correct"].status == "accepted"
-    assert status["acme.slow_correct"].time_ms > status["acme.fast_correct"].time_ms
-    assert status["reference.attention"].time_ms > status["acme.fast_correct"].time_ms
+    assert status["acme.slow_correct"].time_ms > status["acme.fast_correct"].time_ms  # it sleeps 20 ms
 
 
 def test_inputs_the_plugin_does_not_accept_go_elsewhere(acme):
