@@ -98,8 +98,9 @@ def test_lds_estimate():
     assert amd.lds_estimate({"block_m": 128, "block_n": 256, "block_k": 64, "stages": 3}, True, cdna3) == \
         (128 * 64 + 64 * 256) * 2 * 2
     big = {"BLOCK_M": 512, "BLOCK_N": 128, "BLOCK_K": 64, "num_stages": 3}
-    assert amd.fit_stages(big, True, cdna4.lds_bytes, cdna4) == {**big, "num_stages": 2}
-    assert amd.fit_stages(big, True, cdna3.lds_bytes, cdna3) is None
+    fits_cdna4 = space.fit_stages(big, lambda c: amd.lds_estimate(c, True, cdna4), cdna4.lds_bytes)
+    assert fits_cdna4 == {**big, "num_stages": 2}
+    assert space.fit_stages(big, lambda c: amd.lds_estimate(c, True, cdna3), cdna3.lds_bytes) is None
 
 
 def test_hand_written_table_replaces_the_derived_space(monkeypatch):

@@ -91,7 +91,7 @@ class MemoryPlan:
     device_type: str
     tokens: int
     extra: dict = field(default_factory=dict)
-    checkpointed_layers: int | None = None  # how many decoder layers are checkpointed (None: all or none)
+    checkpointed_layers: int | None = None  # decoder layers checkpointed: 0 (none), k (partial), all (others)
 
     def describe(self) -> str:
         what = self.choice

@@ -55,7 +55,6 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
     all_layers = checkpoint_layers(model)
     if layers is not None and not 0 <= layers <= len(all_layers):
         raise ValueError(f"layers must be between 0 and the model's {len(all_layers)} decoder layers, got {layers}")
-    chosen = all_layers if layers is None else all_layers[:layers]
     if name != "none" and not all_layers:
         raise ValueError(f"{type(model).__name__} has no transformers GradientCheckpointingLayer modules, so "
                          f"gradient checkpointing cannot be applied; use gradient_checkpointing=False")
@@ -70,9 +69,8 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
         func = plain_checkpoint
     elif name == "offload":
         func = OffloadedCheckpoint(device)
-    picked = {id(m) for m in chosen}
-    for layer in all_layers:
-        layer.gradient_checkpointing = name != "none" and id(layer) in picked
+    for i, layer in enumerate(all_layers):
+        layer.gradient_checkpointing = name != "none" and (layers is None or i < layers)
         if func is not None:
             layer._gradient_checkpointing_func = func
     config = getattr(model, "config", None)

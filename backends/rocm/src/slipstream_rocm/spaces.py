@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator, Sequence
 from slipstream.device import DeviceInfo
 from slipstream.kernels import PortableKernel
 from slipstream.kernels._space import cached_space, derive_space, operand_tile_bytes, stage_keys, warp_keys
-from slipstream.kernels._space import fit_stages as _fit_stages
 from slipstream_rocm.families import AmdFamily, family_of
 
 # kernel name -> family -> configs (replace the derived space there); "*" matches every family.
@@ -48,13 +47,6 @@ def lds_estimate(config: dict, dot: bool, fam: AmdFamily | None = None, elem_byt
     compile matrix, which reports the real numbers). 0 when the config names no complete
     (M, N, K) tile or has no dot."""
     return operand_tile_bytes(config, dot, fam.lds_stage_offset if fam is not None else 0, elem_bytes)
-
-
-def fit_stages(config: dict, dot: bool, budget: int, fam: AmdFamily | None = None,
-               min_stages: int = 2) -> dict | None:
-    """``config`` with its stage counts lowered (not below ``min_stages``) until its tiles fit
-    ``budget`` bytes of LDS; ``None`` if they never do."""
-    return _fit_stages(config, lambda c: lds_estimate(c, dot, fam), budget, min_stages)
 
 
 def _variants(base: dict, fam: AmdFamily, dot: bool) -> Iterator[dict]:

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from slipstream.device import DeviceInfo
 from slipstream.kernels import PortableKernel
 from slipstream.kernels._space import cached_space, derive_space, operand_tile_bytes, warp_keys
-from slipstream.kernels._space import fit_stages as _fit_stages
 from slipstream_xpu.families import IntelFamily, family_of
 
 SPACES: dict[str, dict[str, Sequence[dict]]] = {}
@@ -38,11 +37,6 @@ def slm_estimate(config: dict, dot: bool, elem_bytes: int = 2) -> int:
     pipeline stage (Intel's 2D block loads often bypass SLM entirely, so this only drops clearly
     oversized tiles). 0 when the config names no complete (M, N, K) tile or has no dot."""
     return operand_tile_bytes(config, dot, 0, elem_bytes)
-
-
-def fit_stages(config: dict, dot: bool, budget: int, min_stages: int = 2) -> dict | None:
-    """``config`` with its stage counts lowered (not below ``min_stages``) until it fits ``budget``."""
-    return _fit_stages(config, lambda c: slm_estimate(c, dot), budget, min_stages)
 
 
 def legal(config: dict, fam: IntelFamily) -> bool:
