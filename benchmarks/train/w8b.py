@@ -129,7 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--base", default="bf16", choices=("bf16", "nf4"))
-    ap.add_argument("--checkpointing", default="true", help="false | true | offload | auto")
+    ap.add_argument("--checkpointing", default="true", help="false | true | lean | offload | auto")
     ap.add_argument("--bsz", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)

@@ -76,6 +76,33 @@ def test_offload_frees_layer_inputs(tmp_path):
     assert peaks["offload"] < peaks[True] - (layers - 3) * layer_input, peaks
 
 
+def test_lean_frees_the_cheap_outputs_and_changes_no_gradient(tmp_path):
+    layers, hidden, inter = 4, 512, 1536
+    model, _ = gpu_model(tmp_path, torch.bfloat16, num_hidden_layers=layers, hidden_size=hidden,
+                         intermediate_size=inter, head_dim=64, num_attention_heads=8, num_key_value_heads=4)
+    perturb_lora_b(model, torch.Generator().manual_seed(random.randrange(2**31)))
+    ids = torch.randint(10, 3000, (4, 2048), device="cuda")
+    kept, grads = {}, {}
+    for policy in (False, "lean"):
+        apply_checkpointing(model, policy, verbose=False)
+        for _ in range(2):  # the first pass makes the first-call dispatch decisions
+            model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            torch.cuda.synchronize()
+            kept[policy] = torch.cuda.memory_allocated() - base  # what autograd holds for backward
+            loss.backward()
+        grads[policy] = lora_grads(model)
+    for name, g in grads[False].items():
+        assert torch.equal(grads["lean"][name], g), name  # same kernels on the same inputs: bit-identical
+    # per layer: two RMSNorm outputs (hidden) and act(gate) * up (intermediate), bf16; the first layer's
+    # input norm may not be tagged (the embeddings need no gradient), hence one hidden-size term less
+    tokens = ids.numel()
+    freed = tokens * 2 * (layers * (2 * hidden + inter) - hidden)
+    assert kept[False] - kept["lean"] >= 0.95 * freed, (kept, freed)
+
+
 def test_bf16_training_on_gpu(tmp_path):
     model, tok = gpu_model(tmp_path, None)
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -11,6 +11,7 @@ from slipstream.train.config import TrainConfig
 from slipstream.train.data import IGNORE_INDEX
 from slipstream.train.offload import apply_checkpointing, checkpoint_layers
 from slipstream.train.packing import PackedCollator, pack
+from slipstream.train.recompute import lean_forward
 from slipstream.train.trainer import Trainer
 from tests.train.conftest import load_tiny
 
@@ -74,7 +75,7 @@ def test_accumulation_2x2_equals_one_batch_of_4(tiny_dir):
     assert worst > 0.05
 
 
-@pytest.mark.parametrize("policy", [True, "offload", "partial"])
+@pytest.mark.parametrize("policy", [True, "offload", "partial", "partial_lean"])
 def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
     model, tok = load_tiny(tiny_dir, accelerate=True, dropout=0.1)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
@@ -92,10 +93,14 @@ def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
     grads()  # warm-up: the dispatcher's first-call decisions draw from the global RNG (dropout's too)
     reference = grads()
     layers = checkpoint_layers(model)
-    if policy == "partial":  # the memory planner's split: the first layer checkpointed, the rest not
-        applied = apply_checkpointing(model, True, layers=1, verbose=False)
+    if policy in ("partial", "partial_lean"):
+        # the memory planner's split: the first layer checkpointed, the rest not (or leanly)
+        lean = policy == "partial_lean"
+        applied = apply_checkpointing(model, True, layers=1, lean=lean, verbose=False)
         assert applied == "checkpoint" and len(layers) > 1
-        assert [layer.gradient_checkpointing for layer in layers] == [True] + [False] * (len(layers) - 1)
+        assert [layer.gradient_checkpointing for layer in layers] == [True] + [lean] * (len(layers) - 1)
+        if lean:
+            assert layers[1]._gradient_checkpointing_func is lean_forward
     else:
         applied = apply_checkpointing(model, policy, force_offload=True, verbose=False)
         assert applied == ("checkpoint" if policy is True else "offload")
@@ -119,16 +124,29 @@ def test_memory_cap_bounds_the_plan(tiny_dir):
 
     model, _ = load_tiny(tiny_dir, accelerate=True)
     roomy = plan_for_model(model, batch=2, seq=128)
-    assert roomy.choice == "none"
+    assert roomy.choice == "none" and not roomy.lean
     weights = allocated_bytes(model, torch.device("cpu"))
-    per_layer = roomy.per_layer_bytes
-    # a cap leaving room (after the planner's 10 % headroom) for the weights, the fixed reserve and
-    # about one and a half layers' activations: the two layers' activations do not fit
-    cap = weights + (roomy.extra["fixed_bytes"] + 1.5 * per_layer) / 0.9
-    capped = plan_for_model(model, batch=2, seq=128, max_memory_gib=cap / 2**30)
-    assert capped.free_bytes == int(cap) - weights
-    assert capped.choice == "partial" and capped.checkpointed_layers == 1
-    assert capped.need_bytes["partial"] <= capped.budget_bytes < capped.need_bytes["none"]
+    per_layer, lean_layer = roomy.per_layer_bytes, roomy.extra["lean_layer_bytes"]
+    assert lean_layer < per_layer  # the norms and the MLP are mapped: their outputs can be recomputed
+
+    def capped_at(layers_worth: float):
+        # a cap leaving room (after the planner's 10 % headroom) for the weights, the fixed reserve and
+        # `layers_worth` bytes of activations
+        cap = weights + (roomy.extra["fixed_bytes"] + layers_worth) / 0.9
+        plan = plan_for_model(model, batch=2, seq=128, max_memory_gib=cap / 2**30)
+        assert plan.free_bytes == int(cap) - weights
+        return plan
+
+    # both layers' full activations do not fit, both lean ones do
+    lean = capped_at(2.01 * lean_layer)
+    assert 2 * lean_layer < 2 * per_layer
+    assert lean.choice == "lean" and lean.lean and lean.checkpointed_layers == 0 and lean.checkpointing == "lean"
+    assert lean.need_bytes["lean"] <= lean.budget_bytes < lean.need_bytes["none"]
+    # one lean layer and one checkpointed layer's input fit, two lean layers do not
+    partial = capped_at(1.5 * lean_layer)
+    assert partial.choice == "partial" and partial.lean and partial.checkpointed_layers == 1
+    assert partial.need_bytes["partial"] <= partial.budget_bytes < partial.need_bytes["lean"]
+    assert "the others lean" in partial.describe()
     with pytest.raises(ValueError, match="max_memory_gib must be positive"):
         plan_for_model(model, batch=2, seq=128, max_memory_gib=0)
 

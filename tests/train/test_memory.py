@@ -77,7 +77,7 @@ def test_cpu_never_offloads():
 
 @pytest.mark.parametrize("free_gib", [1, 4, 16, 64, 256])
 def test_monotone_in_free_memory(free_gib):
-    order = ["none", "partial", "checkpoint", "offload"]
+    order = ["none", "lean", "partial", "checkpoint", "offload"]
     small = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=free_gib * GIB)
     large = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=2 * free_gib * GIB)
     assert order.index(large.choice) <= order.index(small.choice)
@@ -89,3 +89,40 @@ def test_fused_loss_drops_logits():
     a = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=80 * GIB)
     b = plan(LLAMA_8B, batch=1, seq=4096, dtype_bytes=2, free_bytes=80 * GIB, fused_loss=True)
     assert a.extra["logits_bytes"] == 4096 * 128256 * 10 and b.extra["logits_bytes"] == 0
+
+
+LEAN_8B = 2 * 4096 + 14336  # two RMSNorm outputs and act(gate) * up per token, recomputed under "lean"
+
+
+def test_lean_takes_off_the_recomputed_elements():
+    full = layer_activation_bytes(LLAMA_8B, 2, 2048, 2, gated_op=True)
+    lean = layer_activation_bytes(LLAMA_8B, 2, 2048, 2, gated_op=True, lean_elements=LEAN_8B)
+    assert full - lean == 4096 * 2 * LEAN_8B
+    # slipstream's gated op saves gate and up only: one intermediate-sized tensor less than eager
+    assert layer_activation_bytes(LLAMA_8B, 2, 2048, 2) - full == 4096 * 2 * 14336
+
+
+def test_lean_sits_between_none_and_partial():
+    kwargs = dict(batch=2, seq=2048, dtype_bytes=2, trainable_params=42_000_000, fused_loss=True, gated_op=True,
+                  lean_elements=LEAN_8B)
+    roomy = plan(LLAMA_8B, free_bytes=40 * GIB, **kwargs)
+    assert roomy.choice == "none" and not roomy.lean  # lean costs a little time: not chosen when all fits
+    need = roomy.need_bytes
+    assert need["none"] > need["lean"] > need["partial"] > need["checkpoint"]
+    between = plan(LLAMA_8B, free_bytes=int((need["lean"] + need["none"]) / 2 / 0.9), **kwargs)
+    assert between.choice == "lean" and between.checkpointing == "lean" and between.checkpointed_layers == 0
+    assert "recomputing the cheap elementwise outputs" in between.reason
+
+
+def test_lean_partial_checkpoints_fewer_layers():
+    # W8B under a 23.4 GiB cap leaves about 7.4 GiB usable after the weights
+    kwargs = dict(batch=2, seq=2048, dtype_bytes=2, free_bytes=int(7.4 * GIB), trainable_params=42_000_000,
+                  fused_loss=True, gated_op=True)
+    plain = plan(LLAMA_8B, **kwargs)
+    lean = plan(LLAMA_8B, lean_elements=LEAN_8B, **kwargs)
+    assert plain.choice == lean.choice == "partial" and lean.lean and not plain.lean
+    assert lean.checkpointed_layers < plain.checkpointed_layers
+    kept = lean.extra["lean_layer_bytes"]
+    k = lean.checkpointed_layers
+    assert lean.need_bytes["partial"] == (32 - k) * kept + k * 4096 * 4096 * 2 + lean.extra["fixed_bytes"]
+    assert "the others lean" in lean.describe()

@@ -30,6 +30,7 @@ from slipstream.models.base import (
     module_device,
     probe_input,
 )
+from slipstream.train import recompute
 
 ACT_ATTRS = ("act_fn", "activation_fn", "act")
 
@@ -136,7 +137,11 @@ def gated_mlp_forward_with(
         gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
     else:
         gate, up = module.gate_proj(x), module.up_proj(x)
-    return module.down_proj(gate_op(cfg, gate, up, reference))
+    act = gate_op(cfg, gate, up, reference)
+    # Under lean activations, act(gate) * up is recomputed from gate and up (which the gated op saves
+    # anyway) when the down projection's backward needs it, instead of being kept.
+    act = recompute.tag(act, gate_op, cfg, gate, up, reference, label=cfg.op)
+    return module.down_proj(act)
 
 
 def apply(build: Build) -> None:

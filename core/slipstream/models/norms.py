@@ -22,6 +22,7 @@ from torch import nn
 
 from slipstream import ops
 from slipstream.models.base import Build, close, instance_forward_reason, probe_input
+from slipstream.train import recompute
 
 EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 
@@ -37,9 +38,16 @@ def rms_norm_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     eps = getattr(self, cfg.eps_attr)
     if eps is None:  # torch.nn.RMSNorm(eps=None): the input dtype's machine epsilon
         eps = torch.finfo(x.dtype).eps
-    w = self.weight
-    out = ops.rms_norm(x, w, float(eps), cfg.offset)
-    if cfg.offset == 0.0 and w.dtype != x.dtype:
+    eps = float(eps)
+    out = normalize(x, self.weight, eps, cfg.offset)
+    # Under lean activations the output is recomputed from (x, weight) when a later op saved it.
+    return recompute.tag(out, normalize, x, self.weight, eps, cfg.offset, label="rms_norm")
+
+
+def normalize(x: torch.Tensor, w: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    """``ops.rms_norm`` with the module's output dtype (see the module docstring)."""
+    out = ops.rms_norm(x, w, eps, offset)
+    if offset == 0.0 and w.dtype != x.dtype:
         out = out.to(torch.promote_types(w.dtype, x.dtype))
     return out
 

@@ -82,14 +82,14 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"
     modules_to_save: list[str] | None = None
-    gradient_checkpointing: bool | str = "auto"  # false | true | "offload" | "auto"
+    gradient_checkpointing: bool | str = "auto"  # false | true | "lean" | "offload" | "auto"
 
     def __post_init__(self) -> None:
         _positive("lora", "r", self.r)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"[lora] dropout must be in [0, 1), got {self.dropout}")
         if isinstance(self.gradient_checkpointing, str):
-            _choice("lora", "gradient_checkpointing", self.gradient_checkpointing, ("auto", "offload"))
+            _choice("lora", "gradient_checkpointing", self.gradient_checkpointing, ("auto", "lean", "offload"))
 
 
 @dataclass

@@ -226,9 +226,10 @@ class FastModel:
 
         ``target_modules="all-linear"`` means the seven Llama-style projections (q, k, v, o, gate,
         up, down) when the model has them, else peft's own ``"all-linear"``. ``gradient_checkpointing``
-        is False, True, ``"offload"``, or ``"auto"`` (the memory planner picks; the Trainer plans again
-        once it knows the batch size). ``random_state`` seeds the adapters' initialisation (the global
-        RNG is left as it was), so the same call gives the same adapters.
+        is False, True, ``"lean"`` (no layer recompute; the cheap elementwise outputs are recomputed
+        in backward instead of kept), ``"offload"``, or ``"auto"`` (the memory planner picks; the
+        Trainer plans again once it knows the batch size). ``random_state`` seeds the adapters'
+        initialisation (the global RNG is left as it was), so the same call gives the same adapters.
         """
         # bitsandbytes (imported by peft) warns at import that an optional CPU 4-bit kernel package is
         # missing; it is irrelevant unless training 4-bit on the CPU, where bitsandbytes works without it.

@@ -1,13 +1,15 @@
 """The memory planner: pick the fastest gradient-checkpointing policy whose activations fit.
 
-Policies, fastest first: ``none`` (keep every activation), ``partial`` (checkpoint only as many
-decoder layers as needed to fit, keep the rest's activations: each checkpointed layer costs one
-recomputed forward, so fewer is faster), ``checkpoint`` (keep each decoder layer's input, recompute
-every layer in backward), ``offload`` (checkpointing with the layer inputs held in pinned host
-memory). The planner is a pure function of the model's shape, the batch, the dtype and the free
-memory, so its decisions are testable without the hardware. Measured on an H100 (W8B, bf16,
-2 x 2048): a 23.4 GiB cap gave ``partial`` with 24 of 32 layers checkpointed, 21.2 GiB peak, and
-10,714 tok/s against 9,881 fully checkpointed.
+Policies, fastest first: ``none`` (keep every activation), ``lean`` (keep the GEMM outputs,
+recompute the cheap elementwise ones in backward: :mod:`slipstream.train.recompute`, ~1 % of the
+time for about a third of the memory), ``partial`` (checkpoint only as many decoder layers as
+needed to fit, keep the rest's activations leanly: each checkpointed layer costs one recomputed
+forward, so fewer is faster), ``checkpoint`` (keep each decoder layer's input, recompute every
+layer in backward), ``offload`` (checkpointing with the layer inputs held in pinned host memory).
+The planner is a pure function of the model's shape, the batch, the dtype and the free memory, so
+its decisions are testable without the hardware. Measured on an H100 (W8B, bf16, 2 x 2048), before
+``lean`` existed: a 23.4 GiB cap gave ``partial`` with 24 of 32 layers checkpointed, 21.2 GiB peak,
+and 10,714 tok/s against 9,881 fully checkpointed.
 
 Activation estimate for one decoder layer of a Llama-style model (LoRA adapters, frozen base,
 ``lora_dropout = 0``, memory-efficient attention), with ``T = batch * seq`` tokens and ``b`` bytes
@@ -18,14 +20,18 @@ per element of the compute dtype::
 where ``H`` is the hidden size, ``Q = heads * head_dim``, ``KV = kv_heads * head_dim``, ``I`` the MLP
 width and ``r`` the LoRA rank. The terms are the tensors autograd saves: the two RMSNorms' inputs
 and outputs (4H), q and k after RoPE, v, and the attention output (2Q + 2KV), the MLP's gate, up,
-act(gate) and act(gate)*up (4I), each LoRA's ``x @ A.T`` (7r), and fp32 per-row statistics (two
-RMSNorm ``rstd`` and the attention log-sum-exp per head). Eager attention also keeps the
-``heads x seq x seq`` scores and probabilities: ``+ batch * heads * seq^2 * 2b``.
+act(gate) and act(gate)*up (4I; 3I when the MLP runs our gated op, which saves only gate and up
+and recomputes act(gate) in backward), each LoRA's ``x @ A.T`` (7r), and fp32 per-row statistics
+(two RMSNorm ``rstd`` and the attention log-sum-exp per head). Eager attention also keeps the
+``heads x seq x seq`` scores and probabilities: ``+ batch * heads * seq^2 * 2b``. ``lean`` takes
+off the elements per token it recomputes instead (``2H + I`` for a Llama layer whose norms and MLP
+slipstream maps; counted on the model by :func:`lean_elements`).
 
 Device memory needed per policy (``L`` layers)::
 
     none:       L * per_layer                  + fixed
-    partial(k): (L-k) * per_layer + k * T*H*b  + fixed   (the first k of L layers checkpointed; their
+    lean:       L * lean_layer                 + fixed   (lean_layer = per_layer - T*b*lean_elements)
+    partial(k): (L-k) * lean_layer + k * T*H*b + fixed   (the first k of L layers checkpointed; their
                 recompute happens after the later layers' activations were freed, so it adds nothing)
     checkpoint: L * T*H*b  + per_layer         + fixed   (inputs kept; one layer recomputed at a time)
     offload:    2 * T*H*b  + per_layer         + fixed   (host holds L * T*H*b, pinned)
@@ -44,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-POLICIES = ("none", "partial", "checkpoint", "offload")
+POLICIES = ("none", "lean", "partial", "checkpoint", "offload")
 GIB = 2**30
 RESERVE_BYTES = {"cpu": 256 * 2**20}
 RESERVE_DEFAULT = 768 * 2**20
@@ -91,34 +97,41 @@ class MemoryPlan:
     device_type: str
     tokens: int
     extra: dict = field(default_factory=dict)
-    checkpointed_layers: int | None = None  # decoder layers checkpointed: 0 (none), k (partial), all (others)
+    checkpointed_layers: int | None = None  # decoder layers checkpointed: 0 (none, lean), k (partial), all (others)
+    lean: bool = False  # the layers that are not checkpointed recompute their cheap outputs
 
     def describe(self) -> str:
         what = self.choice
         if self.choice == "partial":
-            what = f"partial ({self.checkpointed_layers} of {self.extra.get('layers', '?')} layers checkpointed)"
+            what = f"partial ({self.checkpointed_layers} of {self.extra.get('layers', '?')} layers checkpointed"
+            what += ", the others lean)" if self.lean else ")"
         return f"gradient checkpointing: {what} because {self.reason}"
 
     @property
     def checkpointing(self) -> bool | str:
         """The value for ``get_peft_model(gradient_checkpointing=...)`` (``partial`` -> True, see ``apply``)."""
-        return {"none": False, "partial": True, "checkpoint": True, "offload": "offload"}[self.choice]
+        return {"none": False, "lean": "lean", "partial": True, "checkpoint": True, "offload": "offload"}[self.choice]
 
     def apply(self, model: torch.nn.Module, *, verbose: bool = True) -> str:
         """Set this plan's policy on ``model``'s decoder layers; returns the policy applied."""
         from slipstream.train.offload import apply_checkpointing
 
         layers = self.checkpointed_layers if self.choice == "partial" else None
-        return apply_checkpointing(model, self.checkpointing, layers=layers, verbose=verbose)
+        return apply_checkpointing(model, self.checkpointing, layers=layers, lean=self.lean, verbose=verbose)
 
 
 def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes: int,
-                           lora_r: int = 16) -> int:
-    """Bytes autograd keeps for one decoder layer without checkpointing (see the module docstring)."""
+                           lora_r: int = 16, *, gated_op: bool = False, lean_elements: int = 0) -> int:
+    """Bytes autograd keeps for one decoder layer without checkpointing (see the module docstring).
+
+    ``gated_op``: the MLP runs slipstream's gated op (3I saved, not 4I). ``lean_elements``: elements
+    per token that lean activations recompute instead of keeping (0: not lean).
+    """
     t = batch * seq
     q = shape.heads * shape.head_dim
     kv = shape.kv_heads * shape.head_dim
-    per = t * dtype_bytes * (4 * shape.hidden + 2 * q + 2 * kv + 4 * shape.intermediate + 7 * lora_r)
+    mlp = (3 if gated_op else 4) * shape.intermediate
+    per = t * dtype_bytes * (4 * shape.hidden + 2 * q + 2 * kv + mlp + 7 * lora_r - lean_elements)
     per += t * 4 * (2 + shape.heads)
     if shape.attn_implementation == "eager":
         per += batch * shape.heads * seq * seq * 2 * dtype_bytes
@@ -127,15 +140,19 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes:
 
 def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_bytes: int,
          host_free_bytes: int | None = None, device_type: str = "cuda", lora_r: int = 16,
-         trainable_params: int = 0, fused_loss: bool = False, headroom: float = 0.9) -> MemoryPlan:
-    """Choose a policy: the first of none, partial, checkpoint, offload whose need fits the budget.
+         trainable_params: int = 0, fused_loss: bool = False, headroom: float = 0.9,
+         gated_op: bool = False, lean_elements: int = 0) -> MemoryPlan:
+    """Choose a policy: the first of none, lean, partial, checkpoint, offload whose need fits the budget.
 
-    ``partial`` checkpoints the fewest layers that make the rest fit. On the CPU there is nothing
-    to offload to: ``offload`` is never chosen there. When nothing fits, the least memory-hungry
-    policy available is chosen and the reason says so.
+    ``partial`` checkpoints the fewest layers that make the rest fit. ``lean`` is a candidate only
+    when ``lean_elements`` (per token and layer) is positive; ``partial`` then keeps its other layers
+    leanly. On the CPU there is nothing to offload to: ``offload`` is never chosen there. When
+    nothing fits, the least memory-hungry policy available is chosen and the reason says so.
     """
     t = batch * seq
-    per_layer = layer_activation_bytes(shape, batch, seq, dtype_bytes, lora_r)
+    per_layer = layer_activation_bytes(shape, batch, seq, dtype_bytes, lora_r, gated_op=gated_op)
+    kept_layer = layer_activation_bytes(shape, batch, seq, dtype_bytes, lora_r, gated_op=gated_op,
+                                        lean_elements=lean_elements)
     layer_input = t * shape.hidden * dtype_bytes
     logits = 0 if fused_loss else t * shape.vocab * (dtype_bytes + 8)
     fixed = logits + trainable_params * 12 + RESERVE_BYTES.get(device_type, RESERVE_DEFAULT)
@@ -143,9 +160,9 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
     n = shape.layers
 
     def partial_need(k: int) -> int:
-        return (n - k) * per_layer + k * layer_input + fixed
+        return (n - k) * kept_layer + k * layer_input + fixed
 
-    saved_per_layer = per_layer - layer_input
+    saved_per_layer = kept_layer - layer_input
     over = partial_need(0) - budget
     k = max(1, -(-over // saved_per_layer)) if saved_per_layer > 0 else n
     need = {
@@ -153,6 +170,8 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
         "checkpoint": n * layer_input + per_layer + fixed,
         "offload": 2 * layer_input + per_layer + fixed,
     }
+    if lean_elements > 0:
+        need["lean"] = n * kept_layer + fixed
     if k < n:
         need["partial"] = partial_need(k)
     need = {p: need[p] for p in POLICIES if p in need}
@@ -168,6 +187,9 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
         if need[choice] <= budget:
             if choice == "none":
                 reason = f"all activations fit: {gib(need['none'])} needed of {gib(budget)} usable"
+            elif choice == "lean":
+                reason = (f"keeping every layer's activations would need {gib(need['none'])} but {gib(budget)} is "
+                          f"usable; recomputing the cheap elementwise outputs needs {gib(need['lean'])}")
             elif choice == "partial":
                 reason = (f"keeping every layer's activations would need {gib(need['none'])} but {gib(budget)} is "
                           f"usable; checkpointing {k} of {n} layers needs {gib(need['partial'])}")
@@ -184,8 +206,10 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
             reason += " (offloading does not apply on the CPU)"
     return MemoryPlan(choice, reason, per_layer, need, free_bytes, budget, host_free_bytes, host_need,
                       device_type, t,
-                      {"fixed_bytes": fixed, "logits_bytes": logits, "layer_input_bytes": layer_input, "layers": n},
-                      checkpointed_layers={"none": 0, "partial": k}.get(choice, n))
+                      {"fixed_bytes": fixed, "logits_bytes": logits, "layer_input_bytes": layer_input, "layers": n,
+                       "lean_layer_bytes": kept_layer},
+                      checkpointed_layers={"none": 0, "lean": 0, "partial": k}.get(choice, n),
+                      lean=choice in ("lean", "partial") and lean_elements > 0)
 
 
 def host_free_bytes() -> int | None:
@@ -237,10 +261,36 @@ def plan_for_model(model: torch.nn.Module, *, batch: int, seq: int, free_bytes: 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     from slipstream.train.fast_model import uses_fused_loss
 
+    gated, lean = lean_elements(model)
     return plan(ModelShape.from_config(config), batch=batch, seq=seq, dtype_bytes=dtype.itemsize,
                 free_bytes=free_bytes,
                 host_free_bytes=host_free_bytes(), device_type=device.type, lora_r=lora_r,
-                trainable_params=trainable, fused_loss=uses_fused_loss(model))
+                trainable_params=trainable, fused_loss=uses_fused_loss(model), gated_op=gated,
+                lean_elements=lean)
+
+
+def lean_elements(model: torch.nn.Module) -> tuple[bool, int]:
+    """``(gated_op, elements)`` for the model's first decoder layer: whether its MLP runs slipstream's
+    gated op, and the elements per token lean activations recompute there instead of keeping (the
+    outputs of the RMSNorms and gated MLPs that slipstream mapped: ``H`` per norm, ``I`` per MLP)."""
+    from slipstream.models.mlp import MlpConfig, in_features
+    from slipstream.models.norms import NormConfig
+    from slipstream.train.offload import checkpoint_layers
+
+    layers = checkpoint_layers(model)
+    if not layers:
+        return False, 0
+    gated, elements = False, 0
+    for module in layers[0].modules():
+        cfg = getattr(module, "_slipstream", None)
+        if isinstance(cfg, NormConfig):
+            elements += int(module.weight.shape[0])
+        elif isinstance(cfg, MlpConfig):
+            down = in_features(module.down_proj)
+            if down:
+                gated = True
+                elements += int(down)
+    return gated, elements
 
 
 def allocated_bytes(model: torch.nn.Module, device: torch.device) -> int:
@@ -259,4 +309,4 @@ def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 __all__ = ["POLICIES", "MemoryPlan", "ModelShape", "allocated_bytes", "device_free_bytes", "host_free_bytes",
-           "layer_activation_bytes", "plan", "plan_for_model"]
+           "layer_activation_bytes", "lean_elements", "plan", "plan_for_model"]

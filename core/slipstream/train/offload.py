@@ -4,6 +4,9 @@
 ``GradientCheckpointingLayer`` (the decoder layers) has a ``gradient_checkpointing`` flag and a
 ``_gradient_checkpointing_func`` it calls as ``func(partial(forward, layer, **kwargs), *args)``.
 
+- ``"lean"``: no recompute of the layer; its cheap elementwise outputs (RMSNorm, the gated
+  activation) are recomputed when backward needs them instead of being kept
+  (:mod:`slipstream.train.recompute`): about a third less activation memory for ~1 % of the time.
 - ``"checkpoint"``: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``.
 - ``"offload"``: :class:`OffloadedCheckpoint`. Like checkpointing, only each layer's input is kept
   and the layer is recomputed in backward, but that input lives in pinned host memory: it is
@@ -21,15 +24,17 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-POLICY_NAMES = {False: "none", None: "none", True: "checkpoint", "none": "none", "checkpoint": "checkpoint",
-                "offload": "offload"}
+from slipstream.train.recompute import lean_forward
+
+POLICY_NAMES = {False: "none", None: "none", True: "checkpoint", "none": "none", "lean": "lean",
+                "checkpoint": "checkpoint", "offload": "offload"}
 
 
 def policy_name(value: bool | str | None) -> str:
     try:
         return POLICY_NAMES[value]
     except (KeyError, TypeError):
-        raise ValueError(f"gradient_checkpointing must be False, True, \"offload\" or \"auto\", "
+        raise ValueError(f"gradient_checkpointing must be False, True, \"lean\", \"offload\" or \"auto\", "
                          f"got {value!r}") from None
 
 
@@ -43,11 +48,12 @@ def checkpoint_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, layers: int | None = None,
-                        force_offload: bool = False, verbose: bool = True) -> str:
-    """Set ``policy`` (False/True/"offload", or a policy name) on ``model``'s decoder layers.
+                        lean: bool = False, force_offload: bool = False, verbose: bool = True) -> str:
+    """Set ``policy`` (False/True/"lean"/"offload", or a policy name) on ``model``'s decoder layers.
 
     ``layers`` limits checkpointing to the first ``layers`` decoder layers (the memory planner's
-    ``partial`` policy); the others keep their activations. Returns the policy applied (``"none"``,
+    ``partial`` policy); the others keep their activations, leanly if ``lean`` (``"lean"`` is
+    ``lean`` for every layer). Returns the policy applied (``"none"``, ``"lean"``,
     ``"checkpoint"`` or ``"offload"``). ``force_offload`` runs the offloading code path on the CPU
     too (tests), where it copies into host memory.
     """
@@ -69,14 +75,21 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
         func = plain_checkpoint
     elif name == "offload":
         func = OffloadedCheckpoint(device)
+    lean = lean or name == "lean"
     for i, layer in enumerate(all_layers):
-        layer.gradient_checkpointing = name != "none" and (layers is None or i < layers)
-        if func is not None:
+        checkpointed = func is not None and (layers is None or i < layers)
+        # transformers calls _gradient_checkpointing_func only when the flag is set: a lean layer is
+        # "checkpointed" with a function that runs it once under lean activations.
+        layer.gradient_checkpointing = checkpointed or lean
+        if checkpointed:
             layer._gradient_checkpointing_func = func
+        elif lean:
+            layer._gradient_checkpointing_func = lean_forward
     config = getattr(model, "config", None)
     if name != "none" and config is not None and getattr(config, "use_cache", False):
         config.use_cache = False
     object.__setattr__(_unwrap(model), "_slipstream_checkpointing", name)
+    object.__setattr__(_unwrap(model), "_slipstream_lean", lean)
     return name
 
 

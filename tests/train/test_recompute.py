@@ -1,0 +1,124 @@
+"""Lean activations: tagged cheap outputs are stored as recipes and recomputed, bit for bit."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from slipstream.train import recompute
+from slipstream.train.offload import apply_checkpointing, checkpoint_layers
+from slipstream.train.packing import PackedCollator
+from tests.train.conftest import load_tiny
+from tests.train.test_gradients import fresh_rows, lora_grads, perturb_lora_b
+
+
+def scaled_sin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * w
+
+
+def forward(x, w, m, lean: bool):
+    """``(scaled_sin(x, w) viewed (rows, cols) @ m).sum()``: the matmul saves the (tagged) activation."""
+    with recompute.lean_activations() if lean else torch.enable_grad():
+        y = recompute.tag(scaled_sin(x, w), scaled_sin, x, w, label="scaled_sin")
+        return (y.view(x.shape[0] * x.shape[1], -1) @ m).sum()
+
+
+def leaves(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    return x, w, m
+
+
+def test_recomputed_activation_gives_identical_gradients():
+    seed = random.randrange(2**31)
+    plain = leaves(seed)
+    want = torch.autograd.grad(forward(*plain, lean=False), plain)
+    args = leaves(seed)  # the same values, fresh leaves
+    recompute.stats.reset()
+    loss = forward(*args, lean=True)
+    assert recompute.stats.packed == 1 and recompute.stats.by_label == {"scaled_sin": 3 * 5 * 7 * 8}
+    got = torch.autograd.grad(loss, args)
+    assert recompute.stats.recomputed == 1
+    for g, ref in zip(got, want, strict=True):
+        assert torch.equal(g, ref)
+
+
+def test_tagging_is_off_outside_lean_mode_and_without_grad_inputs():
+    x, w, _ = leaves(0)
+    y = recompute.tag(scaled_sin(x, w), scaled_sin, x, w)
+    assert not hasattr(y, recompute.ATTR)
+    with recompute.lean_activations():
+        frozen = recompute.tag(scaled_sin(x.detach(), w.detach()), scaled_sin, x.detach(), w.detach())
+        assert not hasattr(frozen, recompute.ATTR)  # nothing saves the inputs: holding them could cost more
+        view = scaled_sin(x, w)[1:]
+        assert recompute.tag(view, scaled_sin, x, w) is view and not hasattr(view, recompute.ATTR)
+        with torch.no_grad():
+            assert not hasattr(recompute.tag(scaled_sin(x, w), scaled_sin, x, w), recompute.ATTR)
+
+
+def test_input_modified_in_place_raises_instead_of_recomputing_a_different_value():
+    x, w, m = leaves(1)
+    xs = x * 1.0  # a non-leaf that can be modified in place
+    with recompute.lean_activations():
+        y = recompute.tag(scaled_sin(xs, w), scaled_sin, xs, w, label="scaled_sin")
+        loss = (y.view(15, 7) @ m).sum()
+    # scaled_sin's own backward needs sin(x)'s input, which autograd guards itself; a mutation of the
+    # recipe's input is caught by the recipe before autograd's own check runs
+    with torch.no_grad():
+        xs.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place after the forward"):
+        loss.backward()
+
+
+def test_output_modified_in_place_is_kept_not_recomputed():
+    x, w, m = leaves(2)
+    recompute.stats.reset()
+    with recompute.lean_activations():
+        y = recompute.tag(scaled_sin(x, w), scaled_sin, x, w)
+        y.mul_(2.0)  # the recipe no longer describes y: it must be saved as it is
+        loss = (y.view(15, 7) @ m).sum()
+    assert recompute.stats.packed == 0
+    loss.backward()
+    torch.testing.assert_close(m.grad, (2 * torch.sin(x.detach()) * w.detach()).view(15, 7).sum(0)[:, None]
+                               .expand(7, 4), rtol=0, atol=1e-12)
+
+
+def test_lean_policy_on_a_model_is_exact_and_recomputes_the_mapped_outputs(tiny_dir):
+    model, _ = load_tiny(tiny_dir, accelerate=True)  # lora_dropout 0: the LoRA projections run our op
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    batch = PackedCollator(0)(fresh_rows(2, 64, gen))
+    perturb_lora_b(model, gen)
+    model.train()
+
+    def grads() -> dict:
+        model.zero_grad()
+        model(**batch, use_cache=False).loss.backward()
+        return lora_grads(model)
+
+    apply_checkpointing(model, False, verbose=False)
+    grads()  # warm-up: first-call dispatch decisions
+    reference = grads()
+    assert apply_checkpointing(model, "lean", verbose=False) == "lean"
+    layers = checkpoint_layers(model)
+    assert all(layer.gradient_checkpointing for layer in layers)
+    recompute.stats.reset()
+    got = grads()
+    # the same ops on the same inputs: forward values and gradients are bit-identical
+    assert got.keys() == reference.keys()
+    for name in got:
+        assert torch.equal(got[name], reference[name]), name
+    tokens = int(batch["input_ids"].numel())
+    intermediate = model.config.intermediate_size
+    # every layer's down projection saved act(gate) * up (fp32 here) as a recipe
+    assert recompute.stats.by_label["swiglu"] == len(layers) * tokens * intermediate * 4
+    assert recompute.stats.by_label["rms_norm"] > 0
+    assert recompute.stats.recomputed >= 2 * len(layers)
+    # back to plain: no recipes any more
+    apply_checkpointing(model, False, verbose=False)
+    recompute.stats.reset()
+    grads()
+    assert recompute.stats.packed == 0
