@@ -171,6 +171,9 @@ def test_h100_gets_nvidia_configs_only():
 def test_library_candidates_are_vendor_bound():
     amd = {c.impl.name for c in candidates("attention", MI300X)[0]}
     assert {"rocm.sdpa_flash", "rocm.sdpa_efficient"} <= amd
+    nvidia = {c.impl.name for c in candidates("attention", H100)[0]}
+    assert {"nvidia.sdpa_auto", "nvidia.sdpa_cudnn", "nvidia.sdpa_flash"} <= nvidia
+    assert not any(n.startswith(("rocm.", "xpu.")) for n in nvidia)
     intel = {c.impl.name for c in candidates("attention", PVC)[0]}
     assert "xpu.sdpa" in intel and not any(n.startswith("rocm.") for n in intel)
     # packed sequences / softcap are outside SDPA's contract: rejected by accepts, not offered

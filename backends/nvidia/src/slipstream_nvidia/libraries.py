@@ -33,6 +33,15 @@ def sdpa(backend: str):
     return attention
 
 
+def sdpa_auto(q, k, v, causal=True, scale=None, sliding_window=None, softcap=None, cu_seqlens=None):
+    """torch SDPA choosing its own backend, GQA passed natively (``enable_gqa``), so K/V are never expanded.
+
+    The pinned cuDNN candidate has to expand K/V (cuDNN refuses ``enable_gqa`` when forced); on the
+    H100 (torch 2.11, B2 H32/8 S4096 D128) SDPA's own choice ran fwd+bwd in 1.99 ms against 2.17 ms.
+    """
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def sdpa_accepts(q, k, v, causal=True, scale=None, sliding_window=None, softcap=None, cu_seqlens=None) -> bool:
     return (softcap is None and sliding_window is None and cu_seqlens is None and q.dtype in
             (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)

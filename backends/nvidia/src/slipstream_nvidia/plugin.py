@@ -30,6 +30,9 @@ def slipstream_register_kernels(registry: Registry) -> None:
     for backend in libraries.SDPA_BACKENDS:
         registry.add("attention", f"{PREFIX}.sdpa_{backend}", libraries.sdpa(backend), devices=is_nvidia,
                      accepts=libraries.accepts_for(backend), kind="vendor", description=f"torch SDPA ({backend})")
+    registry.add("attention", f"{PREFIX}.sdpa_auto", libraries.sdpa_auto, devices=is_nvidia,
+                 accepts=libraries.sdpa_accepts, kind="vendor",
+                 description="torch SDPA (its own backend choice, native GQA)")
     if libraries.flash_attn_available():
         registry.add("attention", f"{PREFIX}.flash_attn", libraries.flash_attn, devices=is_nvidia,
                      accepts=libraries.flash_attn_accepts, kind="vendor", description="flash-attn package")
