@@ -116,7 +116,7 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
         chosen.setdefault(d.op, set()).add(d.chosen)
     return dict(system="slipstream", shape=shape, base=base, checkpointing=str(checkpointing), bsz=bsz, seq=seq,
                 max_memory_gib=max_memory_gib,
-                plan=None if plan is None else f"{plan.choice}:{plan.checkpointed_layers}",
+                plan=None if plan is None else f"{plan.choice}:{plan.checkpointed_layers}" + ("+lean" * plan.lean),
                 step_s=round(med, 4), tok_s=round(bsz * seq / med),
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 first_step_s=round(tune_s, 1), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),

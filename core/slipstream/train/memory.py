@@ -34,7 +34,7 @@ Device memory needed per policy (``L`` layers)::
     partial(k): (L-k) * lean_layer + k * T*H*b + fixed   (the first k of L layers checkpointed; their
                 recompute happens after the later layers' activations were freed, so it adds nothing)
     checkpoint: L * T*H*b  + per_layer         + fixed   (inputs kept; one layer recomputed at a time)
-    offload:    2 * T*H*b  + per_layer         + fixed   (host holds L * T*H*b, pinned)
+    offload:    2 * T*H*b  + lean_layer        + fixed   (host holds L * T*H*b, pinned; the recompute is lean)
     fixed = logits + trainable state = T * V * (b + 8) + trainable_params * 12 + reserve
 
 (logits in the compute dtype plus their fp32 copy and gradient; fp32 grad + two AdamW moments per
@@ -168,7 +168,7 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
     need = {
         "none": n * per_layer + fixed,
         "checkpoint": n * layer_input + per_layer + fixed,
-        "offload": 2 * layer_input + per_layer + fixed,
+        "offload": 2 * layer_input + kept_layer + fixed,  # the recompute runs lean
     }
     if lean_elements > 0:
         need["lean"] = n * kept_layer + fixed

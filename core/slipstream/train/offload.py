@@ -12,6 +12,8 @@
   and the layer is recomputed in backward, but that input lives in pinned host memory: it is
   copied out on a side stream during forward, and during the backward of layer ``i`` the input of
   layer ``i - 1`` is already being copied back on the side stream, so the copy overlaps compute.
+  The recompute runs under lean activations, so the one layer whose activations are alive at a
+  time holds about a third less (what bounds the longest sequence that trains).
   On the CPU there is no device memory to free: it degrades to ``"checkpoint"`` with a note.
 """
 
@@ -24,7 +26,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from slipstream.train.recompute import lean_forward
+from slipstream.train.recompute import lean_activations, lean_forward
 
 POLICY_NAMES = {False: "none", None: "none", True: "checkpoint", "none": "none", "lean": "lean",
                 "checkpoint": "checkpoint", "offload": "offload"}
@@ -196,7 +198,8 @@ class _OffloadedLayer(torch.autograd.Function):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.dev_rng is not None:
                 torch.get_device_module(ctx.device).set_rng_state(ctx.dev_rng, ctx.device)
-            with torch.enable_grad(), _autocast(ctx.autocast):
+            # the recomputed layer's activations live until its backward below is done: keep them leanly
+            with torch.enable_grad(), _autocast(ctx.autocast), lean_activations():
                 out = ctx.run(x, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads, strict=False)
