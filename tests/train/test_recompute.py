@@ -47,6 +47,44 @@ def test_recomputed_activation_gives_identical_gradients():
         assert torch.equal(g, ref)
 
 
+class _ViewOut(torch.autograd.Function):
+    """Like the Triton kernels: computes into a fresh (rows, cols) buffer and returns a view of it."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        y = torch.empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=x.dtype)
+        y.copy_((torch.sin(x) * w).reshape(y.shape))
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * torch.cos(x) * w, (g * torch.sin(x)).sum(dim=(0, 1))
+
+
+def view_out(x, w):
+    return _ViewOut.apply(x, w)
+
+
+def test_a_view_of_a_fresh_buffer_is_recomputed_too():
+    seed = random.randrange(2**31)
+
+    def run(lean: bool):
+        x, w, m = leaves(seed)
+        recompute.stats.reset()
+        with recompute.lean_activations() if lean else torch.enable_grad():
+            y = recompute.tag(view_out(x, w), view_out, x, w, label="view_out")
+            assert y._base is not None
+            loss = (y.reshape(15, 7)[:, 1:] @ m[1:]).sum()  # the matmul saves a strided view of y
+        return torch.autograd.grad(loss, (x, w, m)), recompute.stats.packed
+
+    (want, packed_plain), (got, packed_lean) = run(False), run(True)
+    assert packed_plain == 0 and packed_lean == 1
+    for g, ref in zip(got, want, strict=True):
+        assert torch.equal(g, ref)
+
+
 def test_tagging_is_off_outside_lean_mode_and_without_grad_inputs():
     x, w, _ = leaves(0)
     y = recompute.tag(scaled_sin(x, w), scaled_sin, x, w)
@@ -54,8 +92,10 @@ def test_tagging_is_off_outside_lean_mode_and_without_grad_inputs():
     with recompute.lean_activations():
         frozen = recompute.tag(scaled_sin(x.detach(), w.detach()), scaled_sin, x.detach(), w.detach())
         assert not hasattr(frozen, recompute.ATTR)  # nothing saves the inputs: holding them could cost more
-        view = scaled_sin(x, w)[1:]
-        assert recompute.tag(view, scaled_sin, x, w) is view and not hasattr(view, recompute.ATTR)
+        view = scaled_sin(x, w)[1:]  # a view of part of a buffer: not what scaled_sin returns
+        assert recompute.tag(view, scaled_sin, x, w) is view and not hasattr(view._base, recompute.ATTR)
+        same = recompute.tag(x.view(-1), scaled_sin, x, w)  # a view of an input is not a fresh output
+        assert not hasattr(x, recompute.ATTR) and not hasattr(same, recompute.ATTR)
         with torch.no_grad():
             assert not hasattr(recompute.tag(scaled_sin(x, w), scaled_sin, x, w), recompute.ATTR)
 

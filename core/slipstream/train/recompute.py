@@ -84,16 +84,22 @@ def active() -> bool:
 def tag(out: torch.Tensor, fn: Callable[..., torch.Tensor], *args: object, label: str = "op") -> torch.Tensor:
     """Mark ``out`` as recomputable by ``fn(*args)``; returns ``out``. A no-op outside lean mode.
 
-    ``out`` must be a fresh contiguous tensor (not a view) that ``fn(*args)`` reproduces exactly.
+    ``out`` must be what ``fn(*args)`` returns, exactly: a fresh tensor, or a view covering all of a
+    fresh contiguous buffer (kernels return ``y.view(x.shape)`` of the (rows, cols) ``y`` they
+    allocated); the recipe is attached to that buffer, which is what autograd's saved views point at.
     """
-    if not active() or not isinstance(out, torch.Tensor) or out._base is not None:
+    if not active() or not isinstance(out, torch.Tensor):
         return out
-    if not out.is_contiguous() or out.storage_offset() != 0:
+    root = out if out._base is None else out._base
+    if not root.is_contiguous() or root.storage_offset() != 0 or root.numel() != out.numel():
         return out
-    if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    if any(root is (a if a._base is None else a._base) for a in inputs):
+        return out  # a view of an input is not a fresh output
+    if not any(a.requires_grad for a in inputs):
         return out  # nothing records the inputs for backward: holding them could cost more than ``out``
     versions = tuple(a._version if isinstance(a, torch.Tensor) else None for a in args)
-    setattr(out, ATTR, Recipe(fn, args, versions, out._version, label))
+    setattr(root, ATTR, Recipe(fn, args, versions, root._version, label))
     return out
 
 
@@ -127,7 +133,8 @@ def _unpack(p: object) -> torch.Tensor:
     recipe.pending -= 1
     if recipe.pending <= 0:
         recipe.cached = None  # the last saved reference is served: drop the recomputed copy with it
-    return full.as_strided(p.size, p.stride, p.offset)
+    buffer = full if full._base is None else full._base  # laid out as the original buffer (see tag)
+    return buffer.as_strided(p.size, p.stride, p.offset)
 
 
 @contextmanager
