@@ -5,7 +5,10 @@
 
 ``run.py`` calls the same functions, so regenerating from a fetched results.json gives the same
 Markdown. Derived numbers (GB/s or TFLOP/s, % of ceiling, ratios, ranks) are recomputed here from
-the raw timings and the per-op work recorded in the JSON.
+the raw timings and the per-op work recorded in the JSON. Ranks and ratios use the event-timed
+fwd+bwd (``fwd_bwd_ms``); where rows carry CUDA-graph timings (``graph_ms``, GPU time without host
+overhead) the tables gain their columns and throughput / % of ceiling is derived from them too
+(``graph_achieved``, ``graph_pct_ceiling``). Results without ``graph_ms`` render as before.
 """
 
 from __future__ import annotations
@@ -36,6 +39,17 @@ def _ok_ms(row: dict | None) -> float | None:
     return row.get("fwd_bwd_ms") or None
 
 
+def _ok_graph_ms(row: dict | None) -> float | None:
+    if row is None or row.get("status") != "ok":
+        return None
+    return row.get("graph_ms") or None
+
+
+def has_graph(results: dict) -> bool:
+    """Whether any row has a CUDA-graph timing (the graph columns are shown only then)."""
+    return any(r.get("graph_ms") for c in results.get("cases", []) for r in c.get("rows") or [])
+
+
 def peer_name(op: str) -> str:
     return PEER.get(op, "liger")
 
@@ -56,6 +70,10 @@ def derive(results: dict) -> dict:
             r["achieved"] = work["fwd_bwd"] / ms / scale if scale and ms and work.get("fwd_bwd") else None
             r["achieved_fwd"] = work["fwd"] / fms / scale if scale and fms and work.get("fwd") else None
             r["pct_ceiling"] = 100 * r["achieved"] / ceiling if r["achieved"] and ceiling else None
+            gms = r.get("graph_ms")
+            r["graph_achieved"] = work["fwd_bwd"] / gms / scale if scale and gms and work.get("fwd_bwd") else None
+            r["graph_pct_ceiling"] = (100 * r["graph_achieved"] / ceiling if r["graph_achieved"] and ceiling
+                                      else None)
             good = r.get("status") == "ok" and ms
             r["vs_eager"] = eager / ms if good and eager else None
             r["vs_compile"] = comp / ms if good and comp else None
@@ -76,6 +94,8 @@ def derive(results: dict) -> dict:
             "best_candidate_ms": cands[0]["fwd_bwd_ms"] if cands else None,
             "vs_eager": slip.get("vs_eager"), "vs_compile": slip.get("vs_compile"), "vs_peer": slip.get("vs_peer"),
             "pct_ceiling": slip.get("pct_ceiling"), "metric": (case.get("work") or {}).get("metric"),
+            "slipstream_graph_ms": _ok_graph_ms(slip), "eager_graph_ms": _ok_graph_ms(by.get("eager")),
+            "graph_pct_ceiling": slip.get("graph_pct_ceiling") if _ok_graph_ms(slip) else None,
             "peak_mib": slip.get("peak_mib"), "peer_peak_mib": (by.get(peer_name(case["op"])) or {}).get("peak_mib"),
             "wrong": sorted(r["system"] for r in rows if r.get("status") == "WRONG"),
         }
@@ -151,38 +171,55 @@ def ordered_rows(rows: list[dict]) -> list[dict]:
                                        else float("inf"), r.get("system", "")))
 
 
+def _pct(pct: float | None, metric: str | None) -> str:
+    return f"{_f(pct, 1)}% {'BW' if metric == 'GB/s' else 'MM'}" if pct else "-"
+
+
 def summary_rows(results: dict) -> list[list[str]]:
+    graph = has_graph(results)
+    width = len(summary_head(results))
     out = []
     for case in by_op(results):
         s = case.get("summary") or {}
         if case.get("error") and not case.get("rows"):
             what = "skipped" if str(case["error"]).startswith("skipped") else "error"
-            out.append([case["op"], short(case.get("label"), 34), what, short(case["error"], 60)] + [""] * 8)
+            out.append([case["op"], short(case.get("label"), 34), what, short(case["error"], 60)] + [""] * (width - 4))
             continue
         slip = _f(s.get("slipstream_ms")) if s.get("slipstream_ms") else (s.get("slipstream_status") or "-")
-        out.append([case["op"], short(case.get("label"), 34), short(s.get("chosen"), 40), slip,
-                     _f(s.get("eager_ms")), _f(s.get("compile_ms")),
-                     f"{_f(s.get('peer_ms'))} ({s.get('peer')})" if s.get("peer_ms") else "n/a",
-                     _x(s.get("vs_eager")), _x(s.get("vs_compile")), _x(s.get("vs_peer")),
-                     f"{_f(s.get('pct_ceiling'), 1)}% {'BW' if s.get('metric') == 'GB/s' else 'MM'}"
-                     if s.get("pct_ceiling") else "-",
-                     _f(s.get("tuning_s"), 2)])
+        row = [case["op"], short(case.get("label"), 34), short(s.get("chosen"), 40), slip,
+               _f(s.get("eager_ms")), _f(s.get("compile_ms")),
+               f"{_f(s.get('peer_ms'))} ({s.get('peer')})" if s.get("peer_ms") else "n/a",
+               _x(s.get("vs_eager")), _x(s.get("vs_compile")), _x(s.get("vs_peer")),
+               _pct(s.get("pct_ceiling"), s.get("metric"))]
+        if graph:
+            row += [_f(s.get("slipstream_graph_ms")), _pct(s.get("graph_pct_ceiling"), s.get("metric"))]
+        out.append([*row, _f(s.get("tuning_s"), 2)])
     return out
 
 
 SUMMARY_HEAD = ["op", "case", "slipstream chose", "slip ms", "eager ms", "compile ms", "peer ms", "x eager",
                 "x compile", "x peer", "% ceiling", "tuning s"]
+SUMMARY_GRAPH_HEAD = ["slip GPU ms", "GPU % ceiling"]  # after "% ceiling", where rows have graph_ms
+
+
+def summary_head(results: dict) -> list[str]:
+    if not has_graph(results):
+        return list(SUMMARY_HEAD)
+    return [*SUMMARY_HEAD[:-1], *SUMMARY_GRAPH_HEAD, SUMMARY_HEAD[-1]]
 
 
 def compact_table(results: dict) -> str:
     """Plain-text table, one line per case: fwd+bwd ms of slipstream and the baselines, speedups."""
-    rows = [SUMMARY_HEAD] + summary_rows(results)
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(SUMMARY_HEAD))]
+    head = summary_head(results)
+    rows = [head] + summary_rows(results)
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     meta = results.get("meta", {})
     head = (f"fwd+bwd median ms on {meta.get('device')} ({meta.get('dtype')}, size {meta.get('size')}); "
             f"x = other / slipstream (>1: slipstream faster); ceilings: {ceiling_text(results.get('ceilings'))}")
+    if has_graph(results):
+        head += "; GPU ms = CUDA-graph replay (no host overhead)"
     return head + "\n" + "\n".join(lines)
 
 
@@ -197,14 +234,26 @@ def markdown(results: dict) -> str:
                  f"timing: {timing.get('method')}, warmup {timing.get('warmup_ms')} ms, rep {timing.get('rep_ms')} ms; "
                  f"torch.compile: {meta.get('compile_mode')} "
                  f"(budget {meta.get('compile_budget_s')} s, spent {_f(meta.get('compile_s'), 1)} s)")
+    graph = has_graph(results)
+    g = meta.get("graph") or {}
+    if graph or g.get("enabled"):
+        lines.append(f"- GPU ms (graph): {g.get('method') or 'CUDA-graph replay'}; up to {g.get('max_iters')} calls "
+                     f"per graph, {g.get('replays')} timed replays, ~{g.get('budget_ms')} ms of replay per row")
     lines.append(f"- ceilings (same run): {ceiling_text(results.get('ceilings'))}")
     lines.append(f"- wall time {_f(meta.get('wall_s'), 1)} s; slipstream tuning total {_f(meta.get('tuning_s'), 1)} s")
     lines += ["", "Times are forward+backward medians unless marked fwd. `x eager` etc. = that system's time / this "
               "row's (>1: this row is faster). `% ceil` = achieved GB/s of the copy ceiling (memory-bound ops) or "
               "TFLOP/s of the matmul ceiling (matmul-bearing ops). WRONG rows failed the correctness guard and are "
-              "not ranked. See benchmarks/ops/README.md for every column.", "", "## Summary", ""]
-    lines.append("| " + " | ".join(SUMMARY_HEAD) + " |")
-    lines.append("|" + "---|" * len(SUMMARY_HEAD))
+              "not ranked. See benchmarks/ops/README.md for every column."]
+    if graph:
+        lines[-1] += (" `GPU ms (graph)` = the same fwd+bwd replayed from a CUDA graph: GPU time without the "
+                      "host's overhead (Python, autograd, launches), which the event-timed columns include where "
+                      "the host is the bottleneck; `% ceil (graph)` is computed from it. Ranks and ratios use "
+                      "the event-timed fwd+bwd.")
+    lines += ["", "## Summary", ""]
+    shead = summary_head(results)
+    lines.append("| " + " | ".join(shead) + " |")
+    lines.append("|" + "---|" * len(shead))
     for r in summary_rows(results):
         lines.append("| " + " | ".join(_esc(c) for c in r) + " |")
     current = None
@@ -233,18 +282,24 @@ def markdown(results: dict) -> str:
         metric = work.get("metric") or "-"
         head = ["#", "system", "status", "fwd+bwd ms", "fwd ms", metric, "% ceil", "peak MiB", "x eager",
                 "x compile", f"x {peer_name(case['op'])}", "rel err", "first call s", "note"]
+        if graph:
+            head[5:7] = ["GPU ms (graph)", metric, "% ceil", "% ceil (graph)"]
         lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in ordered_rows(rows):
             note = r.get("reason") or ""
             if r.get("system") == "slipstream" and r.get("chosen"):
                 note = f"chose {r['chosen']}" + (f"; {note}" if note else "")
+            if graph and r.get("fwd_bwd_ms") and not r.get("graph_ms") and r.get("graph_reason"):
+                note += f"{'; ' if note else ''}no graph: {r['graph_reason']}"
             name = f"**{r['system']}**" if r.get("role") == "slipstream" else f"`{r['system']}`" \
                 if r.get("role") == "candidate" else r["system"]
-            lines.append("| " + " | ".join(_esc(c) for c in [
-                r.get("rank") or "", name, r.get("status"), _f(r.get("fwd_bwd_ms"), 4), _f(r.get("fwd_ms"), 4),
-                _f(r.get("achieved"), 1), _f(r.get("pct_ceiling"), 1), _f(r.get("peak_mib"), 1), _x(r.get("vs_eager")),
-                _x(r.get("vs_compile")), _x(r.get("vs_peer")), rel_err(r), _f(r.get("first_call_s"), 2),
-                short(note, 120)]) + " |")
+            cells = [r.get("rank") or "", name, r.get("status"), _f(r.get("fwd_bwd_ms"), 4), _f(r.get("fwd_ms"), 4),
+                     _f(r.get("achieved"), 1), _f(r.get("pct_ceiling"), 1), _f(r.get("peak_mib"), 1),
+                     _x(r.get("vs_eager")), _x(r.get("vs_compile")), _x(r.get("vs_peer")), rel_err(r),
+                     _f(r.get("first_call_s"), 2), short(note, 160 if graph else 120)]
+            if graph:
+                cells[5:7] = [_f(r.get("graph_ms"), 4), cells[5], cells[6], _f(r.get("graph_pct_ceiling"), 1)]
+            lines.append("| " + " | ".join(_esc(c) for c in cells) + " |")
         skipped = [c for c in case.get("not_candidates") or [] if c.get("status") != "skipped"
                    or "not for" not in (c.get("reason") or "")]
         if skipped:

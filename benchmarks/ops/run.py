@@ -3,12 +3,13 @@
 Liger-Kernel and peft, at Llama-3.1-8B shapes, in one process, with the device's ceilings.
 
     python benchmarks/ops/run.py --out DIR [--ops a,b] [--dtype bf16] [--size real] [--quick]
-                                 [--device cuda|cpu] [--compile all|headline|none]
+                                 [--device cuda|cpu] [--compile all|headline|none] [--no-graph]
 
 For each op and case (the op's "real" samples plus the headline shapes, headline first) every
 system is, in order: checked for correctness, called once at full size (tunes / compiles; wall
 time kept as ``first_call_s``), measured for peak extra memory, then timed forward+backward and
-forward only (median ms). Systems:
+forward only (median ms), then forward+backward again replayed from a CUDA graph (``graph_ms``:
+GPU time without the host's overhead; CUDA only, ``--no-graph`` turns it off). Systems:
 
 * ``slipstream``: the dispatcher with tuning on (fresh decision cache unless ``--keep-cache``):
   the label it chose and the seconds its tuning took.
@@ -27,6 +28,11 @@ compared with eager's (twice the tolerance). A system failing either is ``WRONG`
 Timing: forward+backward is ``verify.run`` (forward, then ``autograd.grad`` of fixed output
 gradients; ones for scalar losses, as ``loss.backward()``) exactly as the dispatcher times its
 candidates; forward-only is the forward with autograd recording (what a training step pays).
+Both are CUDA-event timings around each call, so where the host is slower than the GPU (small ops:
+Python, autograd, launches) they measure the host. ``graph_ms`` (:func:`ceilings.graph_ms`) captures
+back-to-back forward+backward calls into one CUDA graph and times its replays: the GPU's own time
+(no L2 flush between the calls inside the graph). A system whose call can't be captured (host
+syncs, the legacy stream) gets ``graph_ms`` None and ``graph_reason``.
 Work per op (bytes or FLOPs) is documented in :data:`WORK`; see README.md for every column.
 
 Outputs in ``--out``: results.json (everything), results.md (a table per case), results.png
@@ -37,6 +43,7 @@ One failing system or case (exception, OOM) is recorded and the run goes on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -75,6 +82,11 @@ GRADS: dict[str, tuple[str, ...]] = {
 
 TIMING = {"default": {"warmup_ms": 10.0, "rep_ms": 50.0}, "quick": {"warmup_ms": 5.0, "rep_ms": 20.0}}
 TIME_LIMIT_S = {"default": 390.0, "quick": 200.0}
+# CUDA-graph timing: ``replays`` timed replays of one graph of up to GRAPH_MAX_ITERS fwd+bwd calls,
+# as many calls as fit ``budget_ms`` of replay in all (judged by the event-timed fwd+bwd, an upper
+# bound on the GPU time)
+GRAPH = {"default": {"budget_ms": 100.0, "replays": 10}, "quick": {"budget_ms": 50.0, "replays": 5}}
+GRAPH_MAX_ITERS = 20
 COMPILE_BUDGET_S = {"default": 150.0, "quick": 90.0}
 
 
@@ -409,6 +421,29 @@ def step(fn: Callable, spec, args: tuple, grad_outs):
     return run(fn, spec, args, grad_outs)
 
 
+def graph_iters(estimate_ms: float | None, budget_ms: float, replays: int, max_iters: int = GRAPH_MAX_ITERS) -> int:
+    """Calls per CUDA graph: as many as fit ``budget_ms`` over ``replays`` replays, 1 to ``max_iters``."""
+    if not estimate_ms or estimate_ms <= 0:
+        return max_iters
+    return max(1, min(max_iters, int(budget_ms / (replays * estimate_ms))))
+
+
+@contextlib.contextmanager
+def strict_dispatch() -> Iterator[None]:
+    """``SLIPSTREAM_STRICT=1`` for the block: a chosen implementation that raises (as one that
+    can't be captured into a CUDA graph does) raises through the dispatcher instead of being
+    replaced by the reference for good, which would silently time the reference as slipstream."""
+    old = os.environ.get("SLIPSTREAM_STRICT")
+    os.environ["SLIPSTREAM_STRICT"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SLIPSTREAM_STRICT", None)
+        else:
+            os.environ["SLIPSTREAM_STRICT"] = old
+
+
 def dispatched(spec) -> Callable:
     """The op as users call it: through the dispatcher."""
     from slipstream.dispatch import dispatcher
@@ -438,10 +473,12 @@ class System:
 
 class Runner:
     def __init__(self, device: torch.device, dtype: torch.dtype, *, quick: bool, compile_mode: str,
-                 compile_budget_s: float, time_limit_s: float, timing: dict, log=print):
+                 compile_budget_s: float, time_limit_s: float, timing: dict, log=print, graph: bool = True):
         from slipstream.device import device_info
 
         self.device, self.dtype, self.quick = device, dtype, quick
+        self.graph = graph  # CUDA-graph timing (graph_ms) after the event timings
+        self.graph_cfg = GRAPH["quick" if quick else "default"]
         self.info = device_info(device)
         self.compile_mode, self.compile_budget_s, self.time_limit_s = compile_mode, compile_budget_s, time_limit_s
         self.timing = timing
@@ -469,6 +506,26 @@ class Runner:
 
     def bench(self, fn: Callable[[], object]) -> float:
         return ceilings.bench_ms(fn, self.device, **self.timing)
+
+    def graph_time(self, fn: Callable[[], object], estimate_ms: float | None) -> tuple[float | None, str]:
+        """``(ms, "")``: :func:`ceilings.graph_ms` of ``fn``; ``(None, why)`` where it is off, not
+        possible here or failed. Never raises (but for KeyboardInterrupt and the like)."""
+        if not self.graph:
+            return None, "off (--no-graph)"
+        if self.out_of_time():
+            return None, f"time limit ({self.time_limit_s:.0f} s) reached"
+        replays = self.graph_cfg["replays"]
+        iters = graph_iters(estimate_ms, self.graph_cfg["budget_ms"], replays)
+        try:
+            with strict_dispatch():
+                ms = ceilings.graph_ms(fn, self.device, iters_per_graph=iters, replays=replays)
+        except Exception as exc:  # noqa: BLE001 - a graph that fails never costs the row its event timings
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            name = "" if isinstance(exc, ceilings.GraphCaptureError) else f"{type(exc).__name__}: "
+            return None, f"{name}{first}" or type(exc).__name__
+        if ms is None:
+            return None, f"CUDA graphs need a CUDA device (this run: {self.device.type})"
+        return ms, ""
 
     def static_compiled(self, spec) -> Callable:
         fn = self._static.get(spec.name)
@@ -518,7 +575,8 @@ class Runner:
     def measure(self, spec, case: Case, system: System, ctx: dict) -> dict:
         row = {"system": system.name, "role": system.role, "kind": system.kind, "plugin": system.plugin,
                "status": system.status or "ok", "reason": system.reason, "verify": None, "full_check": None,
-               "first_call_s": None, "peak_mib": None, "fwd_bwd_ms": None, "fwd_ms": None}
+               "first_call_s": None, "peak_mib": None, "fwd_bwd_ms": None, "fwd_ms": None,
+               "graph_ms": None, "graph_reason": ""}
         if system.work is not None:
             row["work"] = system.work
         if system.status:
@@ -574,6 +632,9 @@ class Runner:
             row["fwd_bwd_ms"] = self.bench(lambda: step(fn, spec, sargs, grad_outs))
             with torch.enable_grad():
                 row["fwd_ms"] = self.bench(lambda: fn(*sargs))
+            # 5. the same fwd+bwd replayed from a CUDA graph: GPU time without host overhead
+            row["graph_ms"], row["graph_reason"] = self.graph_time(lambda: step(fn, spec, sargs, grad_outs),
+                                                                   row["fwd_bwd_ms"])
         except torch.OutOfMemoryError as exc:
             row.update(status="OOM", reason=str(exc).splitlines()[0][:200])
         except Exception as exc:  # noqa: BLE001 - one failing system never stops the run
@@ -674,8 +735,11 @@ class Runner:
             return f"{v:.4f}" if isinstance(v, float) else "-"
 
         extra = f" ({row['reason'][:100]})" if row["reason"] and row["status"] != "ok" else ""
+        graph = f"  graph {ms(row['graph_ms'])} ms" if self.device.type == "cuda" and self.graph else ""
+        if graph and row["graph_ms"] is None and row.get("graph_reason"):
+            graph += f" [{row['graph_reason'][:80]}]"
         self.log(f"[{self.elapsed():6.1f}s] {case.op:<20} {case.label[:36]:<36} {row['system'][:48]:<48} "
-                 f"{row['status']:<7} fwd+bwd {ms(row['fwd_bwd_ms'])} ms  fwd {ms(row['fwd_ms'])} ms{extra}")
+                 f"{row['status']:<7} fwd+bwd {ms(row['fwd_bwd_ms'])} ms  fwd {ms(row['fwd_ms'])} ms{graph}{extra}")
 
 
 # ============================================================================= main
@@ -695,6 +759,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "compilation after which further compile rows are skipped")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds after which remaining cases are "
                     "recorded as skipped (the run still writes its outputs)")
+    ap.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph replay timing (graph_ms, GPU "
+                    "time without host overhead) that follows the event timings on CUDA devices")
     ap.add_argument("--warmup-ms", type=float, default=None)
     ap.add_argument("--rep-ms", type=float, default=None)
     ap.add_argument("--keep-cache", action="store_true", help="use SLIPSTREAM_CACHE_DIR as set (tuning may be "
@@ -773,7 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     runner = Runner(device, dtype, quick=a.quick, compile_mode=compile_mode, compile_budget_s=compile_budget,
-                    time_limit_s=time_limit, timing=timing, log=log)
+                    time_limit_s=time_limit, timing=timing, log=log, graph=not a.no_graph)
     results: dict = {
         "meta": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -784,6 +850,9 @@ def main(argv: list[str] | None = None) -> int:
             "compile_budget_s": compile_budget, "time_limit_s": time_limit,
             "timing": dict(timing, method="triton.testing.do_bench median (L2 flushed)" if device.type == "cuda"
                            else "synchronised wall clock median"),
+            "graph": dict(GRAPH[mode], max_iters=GRAPH_MAX_ITERS, enabled=not a.no_graph and device.type == "cuda",
+                          method="CUDA-graph replay of back-to-back fwd+bwd calls, CUDA events, median over "
+                                 "replays (no L2 flush between calls)"),
             "env": {k: os.environ.get(k) for k in ("SLIPSTREAM_CACHE_DIR", "TRITON_INTERPRET", "SLIPSTREAM_FORCE",
                                                      "SLIPSTREAM_PLUGINS", "SLIPSTREAM_DISABLE_PLUGINS")},
         },

@@ -8,6 +8,9 @@
   and ``report.py`` regenerating the same Markdown from the JSON.
 * the harness's own logic: work formulas, the correctness guard (a wrong implementation is
   reported WRONG and not ranked, a raising one is recorded and the run goes on), ratios.
+* the CUDA-graph timing's plumbing: ``graph_ms`` is None off CUDA with the reason recorded,
+  ``--no-graph``, a failing graph timing never costing a row its other numbers, and the report
+  with, without and with partial graph timings (the CUDA path itself needs a GPU).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.ops import peers, report
+from benchmarks.ops import ceilings, peers, report
 from benchmarks.ops import run as harness
 from slipstream.dispatch.verify import Oracle, detached
 from slipstream.ops import SPECS
@@ -74,6 +77,7 @@ def test_run_cpu_quick_writes_results_and_report_regenerates(tmp_path):
         rows = {r["system"]: r for r in case["rows"]}
         for name in ("eager", "slipstream"):
             assert rows[name]["status"] == "ok" and rows[name]["fwd_bwd_ms"] > 0 and rows[name]["fwd_ms"] > 0, name
+            assert rows[name]["graph_ms"] is None and "CUDA" in rows[name]["graph_reason"], rows[name]
         assert rows["slipstream"]["chosen"] and rows["slipstream"]["verify"]["ok"]
         assert rows["liger"]["status"] == "n/a"  # Liger needs a GPU
         assert rows["compile"]["status"] == "skipped"
@@ -82,9 +86,11 @@ def test_run_cpu_quick_writes_results_and_report_regenerates(tmp_path):
             assert rows["peft"]["status"] == "ok", rows["peft"]
             assert rows["base_gemm"]["status"] == "ok" and rows["base_gemm"]["rank"] is None
     assert sum(c["op"] == "lora_linear" and "nf4" in c["label"] for c in results["cases"]) == 1
+    assert results["meta"]["graph"]["enabled"] is False
     md = (out / "results.md").read_text()
     for op in OPS:
         assert f"## {op}" in md
+    assert "GPU ms (graph)" not in md and "slip GPU ms" not in proc.stdout  # no graph timings, no columns
     assert "slip ms" in proc.stdout  # the compact table is printed
     assert proc.stdout.rstrip().splitlines()[-1].startswith("attention")  # the table is the last thing
 
@@ -227,3 +233,165 @@ def test_report_ratios_and_ceilings():
     assert slip["vs_compile"] is None and rows["compile"]["rank"] is None  # a WRONG row is no baseline
     assert [rows[n]["rank"] for n in ("slipstream", "liger", "eager")] == [1, 2, 3]
     assert "slipstream" in report.compact_table(results)
+
+
+# ----------------------------------------------------------------------------- CUDA-graph timing
+def _runner(**kw) -> harness.Runner:
+    return harness.Runner(CPU, torch.float32, quick=True, compile_mode="none", compile_budget_s=0, time_limit_s=600,
+                          timing={"warmup_ms": 1.0, "rep_ms": 2.0}, log=lambda msg: None, **kw)
+
+
+def test_graph_ms_is_none_off_cuda():
+    calls = []
+    assert ceilings.graph_ms(lambda: calls.append(1), CPU) is None
+    assert calls == []  # nothing was warmed up or captured
+
+
+def test_graph_iters():
+    assert harness.graph_iters(0.3, 100.0, 10) == 20  # small op: the cap
+    assert harness.graph_iters(2.0, 100.0, 10) == 5
+    assert harness.graph_iters(50.0, 100.0, 10) == 1  # slow call: one per graph, never 0
+    assert harness.graph_iters(None, 100.0, 10) == harness.GRAPH_MAX_ITERS
+    assert harness.graph_iters(0.0, 100.0, 10, max_iters=7) == 7
+
+
+def test_runner_records_why_there_is_no_graph_time_on_the_cpu():
+    case = first_case("rms_norm", torch.float32)
+    for runner, why in ((_runner(), "CUDA graphs need a CUDA device"), (_runner(graph=False), "--no-graph")):
+        record = runner.run_case(case)
+        rows = {r["system"]: r for r in record["rows"]}
+        timed = [r for r in rows.values() if r["fwd_bwd_ms"] is not None]
+        assert {"eager", "slipstream"} <= {r["system"] for r in timed}
+        for r in timed:
+            assert r["status"] == "ok" and r["graph_ms"] is None and why in r["graph_reason"], r
+        for r in rows.values():
+            if r["fwd_bwd_ms"] is None:  # not timed (n/a, skipped): no graph attempt, no reason
+                assert r["graph_ms"] is None and r["graph_reason"] == "", r
+
+
+@pytest.mark.parametrize("outcome", ["ok", "capture", "other", "oom"])
+def test_graph_timing_failure_never_costs_the_row(monkeypatch, outcome):
+    monkeypatch.delenv("SLIPSTREAM_STRICT", raising=False)
+    seen = []
+
+    def fake_graph_ms(fn, device, *, iters_per_graph, replays):
+        seen.append({"strict": os.environ.get("SLIPSTREAM_STRICT"), "iters": iters_per_graph, "replays": replays})
+        fn()  # the fwd+bwd step the runner captures must run
+        if outcome == "capture":
+            raise ceilings.GraphCaptureError("capture failed: host sync")
+        if outcome == "other":
+            raise RuntimeError("weird\nsecond line")
+        if outcome == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory in the graph pool")
+        return 0.125
+
+    monkeypatch.setattr(ceilings, "graph_ms", fake_graph_ms)
+    record = _runner().run_case(first_case("rms_norm", torch.float32))
+    rows = {r["system"]: r for r in record["rows"]}
+    assert record["error"] is None and seen
+    assert all(s["strict"] == "1" and 1 <= s["iters"] <= harness.GRAPH_MAX_ITERS
+               and s["replays"] == harness.GRAPH["quick"]["replays"] for s in seen)
+    assert "SLIPSTREAM_STRICT" not in os.environ  # restored after each graph timing
+    for name in ("eager", "slipstream"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["fwd_bwd_ms"] > 0 and r["fwd_ms"] > 0, r
+        want = {"ok": (0.125, ""), "capture": (None, "capture failed: host sync"),
+                "other": (None, "RuntimeError: weird"),
+                "oom": (None, "OutOfMemoryError: CUDA out of memory in the graph pool")}[outcome]
+        assert (r["graph_ms"], r["graph_reason"]) == want, r
+
+
+def test_run_no_graph_flag(tmp_path):
+    assert harness.parse_args(["--out", "x", "--no-graph"]).no_graph
+    assert not harness.parse_args(["--out", "x"]).no_graph
+    out = tmp_path / "bench"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["SLIPSTREAM_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/ops/run.py"), "--device", "cpu", "--size", "small",
+                           "--quick", "--ops", "rms_norm", "--no-graph", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["system"]: r for r in results["cases"][0]["rows"]}
+    assert results["meta"]["graph"]["enabled"] is False
+    assert rows["eager"]["graph_ms"] is None and rows["eager"]["graph_reason"] == "off (--no-graph)"
+
+
+def _graph_results() -> dict:
+    """One memory-bound case: rows with a graph time, one whose capture failed, one from an old
+    results.json (no graph keys at all); and a case that failed before any row."""
+    return {"meta": {"dtype": "bfloat16", "graph": {"enabled": True, "replays": 10, "max_iters": 20}},
+            "ceilings": {"copy": {"gbps": 4000.0}, "matmul": {"bfloat16": {"tflops": 500.0, "n": 8}}},
+            "cases": [{"op": "rms_norm", "label": "t", "work": {"metric": "GB/s", "fwd": 1e9, "fwd_bwd": 2e9},
+                       "rows": [
+                           {"system": "eager", "role": "eager", "status": "ok", "fwd_bwd_ms": 4.0, "fwd_ms": 2.0,
+                            "graph_ms": 2.0, "graph_reason": ""},
+                           {"system": "slipstream", "role": "slipstream", "status": "ok", "fwd_bwd_ms": 2.0,
+                            "fwd_ms": 1.0, "chosen": "x", "graph_ms": 1.0, "graph_reason": ""},
+                           {"system": "liger", "role": "peer", "status": "ok", "fwd_bwd_ms": 3.0, "fwd_ms": 1.0,
+                            "graph_ms": None, "graph_reason": "capture failed: host sync"},
+                           {"system": "old", "role": "candidate", "status": "ok", "fwd_bwd_ms": 2.5,
+                            "fwd_ms": 1.0}]},
+                      {"op": "swiglu", "label": "u", "rows": [], "error": "building cases failed: boom"}]}
+
+
+def _table(md: str, first_cell: str) -> list[list[str]]:
+    """The Markdown table whose header starts with ``first_cell``, as rows of cells."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_cell} |"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        if not line.startswith("|---"):
+            rows.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+    return rows
+
+
+def test_report_graph_columns_and_throughput():
+    results = report.derive(_graph_results())
+    rows = {r["system"]: r for r in results["cases"][0]["rows"]}
+    assert rows["slipstream"]["graph_achieved"] == pytest.approx(2000.0)  # 2e9 bytes / 1 ms
+    assert rows["slipstream"]["graph_pct_ceiling"] == pytest.approx(50.0)
+    assert rows["slipstream"]["pct_ceiling"] == pytest.approx(25.0)  # the event-timed numbers are unchanged
+    assert rows["liger"]["graph_achieved"] is None and rows["old"]["graph_pct_ceiling"] is None
+    assert [rows[n]["rank"] for n in ("slipstream", "old", "liger", "eager")] == [1, 2, 3, 4]  # ranked by events
+    s = results["cases"][0]["summary"]
+    assert s["slipstream_graph_ms"] == 1.0 and s["eager_graph_ms"] == 2.0
+    assert s["graph_pct_ceiling"] == pytest.approx(50.0)
+
+    md = report.markdown(results)
+    table = _table(md, "#")
+    head = table[0]
+    assert head[3:9] == ["fwd+bwd ms", "fwd ms", "GPU ms (graph)", "GB/s", "% ceil", "% ceil (graph)"]
+    cells = {r[1]: dict(zip(head, r, strict=True)) for r in table[1:]}
+    assert cells["**slipstream**"]["GPU ms (graph)"] == "1.0000" and cells["**slipstream**"]["% ceil (graph)"] == "50.0"
+    assert cells["liger"]["GPU ms (graph)"] == "-" and "no graph: capture failed: host sync" in cells["liger"]["note"]
+    assert cells["`old`"]["GPU ms (graph)"] == "-" and "no graph" not in cells["`old`"]["note"]
+    summary = _table(md, "op")
+    assert summary[0][-3:] == ["slip GPU ms", "GPU % ceiling", "tuning s"]
+    assert all(len(r) == len(summary[0]) for r in summary)  # the failed case's line is padded to the new width
+    line = dict(zip(summary[0], summary[1], strict=True))
+    assert line["slip GPU ms"] == "1.000" and line["GPU % ceiling"] == "50.0% BW"
+    compact = report.compact_table(results)
+    assert "slip GPU ms" in compact and "CUDA-graph replay" in compact
+
+
+def test_report_renders_results_without_graph_timings():
+    old = _graph_results()
+    del old["meta"]["graph"]
+    for case in old["cases"]:
+        for r in case["rows"]:
+            r.pop("graph_ms", None)
+            r.pop("graph_reason", None)
+    results = report.derive(old)
+    md = report.markdown(results)
+    assert _table(md, "#")[0] == ["#", "system", "status", "fwd+bwd ms", "fwd ms", "GB/s", "% ceil", "peak MiB",
+                                  "x eager", "x compile", "x liger", "rel err", "first call s", "note"]
+    assert _table(md, "op")[0] == report.SUMMARY_HEAD
+    assert "graph" not in md.lower() and "GPU ms" not in report.compact_table(results)
+    # graph keys present but empty everywhere (a CPU run, --no-graph, every capture failed): same tables
+    for case in old["cases"]:
+        for r in case["rows"]:
+            r.update(graph_ms=None, graph_reason="CUDA graphs need a CUDA device (this run: cpu)")
+    assert report.markdown(report.derive(old)) == md
