@@ -126,3 +126,23 @@ def test_lean_partial_checkpoints_fewer_layers():
     k = lean.checkpointed_layers
     assert lean.need_bytes["partial"] == (32 - k) * kept + k * 4096 * 4096 * 2 + lean.extra["fixed_bytes"]
     assert "the others lean" in lean.describe()
+
+
+def test_long_context_counts_one_layers_transients_and_the_recompute_buffer():
+    # 131k tokens, batch 1, with the free memory an NF4 8B left on the H100: the planner once chose
+    # partial(29) there, "needing" 64.9 of 65.6 usable GiB, and the step ran out of memory in forward
+    kwargs = dict(batch=1, seq=131072, dtype_bytes=2, free_bytes=int(72.9 * GIB), host_free_bytes=120 * GIB,
+                  trainable_params=42_000_000, fused_loss=True, gated_op=True, lean_elements=LEAN_8B)
+    p = plan(LLAMA_8B, **kwargs)
+    t, workspace = 131072, p.extra["workspace_bytes"]
+    assert workspace == t * 2 * (3 * 14336 + 2 * 4096 + 4096 + 2 * 1024)  # ~14 GiB of gradients in flight
+    assert p.extra["fixed_bytes"] >= workspace
+    full_layer = p.per_layer_bytes
+    if p.choice == "partial":  # a checkpointed layer's (not lean) recompute must fit beside the stored inputs
+        k = p.checkpointed_layers
+        assert p.need_bytes["partial"] >= k * t * 4096 * 2 + full_layer + workspace
+        assert k >= 30
+    assert p.need_bytes[p.choice] <= p.budget_bytes
+    # at 2 x 2048 the transients stay under the fixed reserve: the W8B plans are unchanged
+    short = plan(LLAMA_8B, **{**kwargs, "batch": 2, "seq": 2048})
+    assert short.extra["workspace_bytes"] < 768 * 2**20 <= short.extra["fixed_bytes"] - 42_000_000 * 12

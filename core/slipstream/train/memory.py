@@ -31,15 +31,20 @@ Device memory needed per policy (``L`` layers)::
 
     none:       L * per_layer                  + fixed
     lean:       L * lean_layer                 + fixed   (lean_layer = per_layer - T*b*lean_elements)
-    partial(k): (L-k) * lean_layer + k * T*H*b + fixed   (the first k of L layers checkpointed; their
-                recompute happens after the later layers' activations were freed, so it adds nothing)
+    partial(k): max((L-k) * lean_layer, per_layer) + k * T*H*b + fixed   (the first k of L layers
+                checkpointed; their recompute happens after the later layers' activations were freed)
     checkpoint: L * T*H*b  + per_layer         + fixed   (inputs kept; one layer recomputed at a time)
     offload:    2 * T*H*b  + lean_layer        + fixed   (host holds L * T*H*b, pinned; the recompute is lean)
-    fixed = logits + trainable state = T * V * (b + 8) + trainable_params * 12 + reserve
+    fixed = logits + trainable state = T * V * (b + 8) + trainable_params * 12 + workspace
+    workspace = max(reserve, T * b * (3*I + 2*H + Q + 2*KV))
 
 (logits in the compute dtype plus their fp32 copy and gradient; fp32 grad + two AdamW moments per
-trainable parameter; a fixed reserve for workspaces and fragmentation). A policy fits when its
-need is at most ``headroom`` (90 %) of the free memory measured after the model was loaded, or of
+trainable parameter; the workspace: a fixed reserve for cuBLAS/cuDNN workspaces and fragmentation,
+or, when more, the transients one layer needs on top of what is kept: in backward the gradients of
+gate, up and act(gate)*up, of the layer input and of q, k, v; in a lean forward the outputs that
+are dropped after it. At 2 x 2048 tokens that is 0.47 GB, under the reserve; at 131k tokens it is
+15 GB, and without it the planner sent a 131k-token NF4 step into an out-of-memory error on the H100.)
+A policy fits when its need is at most ``headroom`` (90 %) of the free memory measured after the model was loaded, or of
 what a user's cap (``max_memory_gib``: the whole process, weights included) leaves after loading.
 """
 
@@ -155,12 +160,17 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
                                         lean_elements=lean_elements)
     layer_input = t * shape.hidden * dtype_bytes
     logits = 0 if fused_loss else t * shape.vocab * (dtype_bytes + 8)
-    fixed = logits + trainable_params * 12 + RESERVE_BYTES.get(device_type, RESERVE_DEFAULT)
+    q = shape.heads * shape.head_dim
+    kv = shape.kv_heads * shape.head_dim
+    workspace = t * dtype_bytes * (3 * shape.intermediate + 2 * shape.hidden + q + 2 * kv)
+    fixed = logits + trainable_params * 12 + max(RESERVE_BYTES.get(device_type, RESERVE_DEFAULT), workspace)
     budget = int(free_bytes * headroom)
     n = shape.layers
 
     def partial_need(k: int) -> int:
-        return (n - k) * kept_layer + k * layer_input + fixed
+        # the peak is at the end of the forward, or while a checkpointed layer is recomputed (by then
+        # the kept layers' activations are freed): the latter only matters for very long sequences
+        return max((n - k) * kept_layer, per_layer) + k * layer_input + fixed
 
     saved_per_layer = kept_layer - layer_input
     over = partial_need(0) - budget
@@ -207,7 +217,7 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
     return MemoryPlan(choice, reason, per_layer, need, free_bytes, budget, host_free_bytes, host_need,
                       device_type, t,
                       {"fixed_bytes": fixed, "logits_bytes": logits, "layer_input_bytes": layer_input, "layers": n,
-                       "lean_layer_bytes": kept_layer},
+                       "lean_layer_bytes": kept_layer, "workspace_bytes": workspace},
                       checkpointed_layers={"none": 0, "lean": 0, "partial": k}.get(choice, n),
                       lean=choice in ("lean", "partial") and lean_elements > 0)
 
