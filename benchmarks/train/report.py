@@ -27,7 +27,7 @@ def normalise(row: dict) -> dict:
     if "variant" in row:
         name, base = PEER_NAMES.get(row["variant"], (row["variant"], "bf16"))
         return {"system": name, "setting": "checkpointing on", "base": base, "tok_s": row.get("tok_s"),
-                "peak_gib": row.get("peak_gib"), "step_s": row.get("step_s"), "raw": row}
+                "peak_gib": row.get("peak_gib"), "step_s": row.get("step_s"), "run": row.get("run", "-"), "raw": row}
     policy = str(row.get("checkpointing")).lower()
     if policy == "auto":
         cap = row.get("max_memory_gib")
@@ -35,9 +35,15 @@ def normalise(row: dict) -> dict:
         if row.get("plan"):
             setting += f" [{row['plan']}]"
     else:
-        setting = {"true": "checkpointing on", "false": "no checkpointing"}.get(policy, policy)
+        # offloaded checkpointing is checkpointing (Unsloth's number in the issue is with its offloaded one)
+        setting = {"true": "checkpointing on", "false": "no checkpointing",
+                   "offload": "checkpointing on (offloaded)"}.get(policy, policy)
+    shape = (row.get("bsz", 2), row.get("seq", 2048))
+    if shape != (2, 2048):
+        setting = f"long context {shape[0]} x {shape[1]}, {setting}"
     return {"system": "slipstream", "setting": setting, "base": row.get("base", "bf16"), "tok_s": row.get("tok_s"),
-            "peak_gib": row.get("peak_gib"), "step_s": row.get("step_s"), "error": row.get("error"), "raw": row}
+            "peak_gib": row.get("peak_gib"), "step_s": row.get("step_s"), "error": row.get("error"),
+            "run": row.get("run", "-"), "raw": row}
 
 
 def target_for(row: dict) -> tuple[int, float] | None:
@@ -49,7 +55,8 @@ def target_for(row: dict) -> tuple[int, float] | None:
 
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"# W8B: LoRA r=16 on all 7 projections, Llama-3.1-8B shape, batch 2 x 2048, AdamW ({meta['device']})",
-             "", f"- date {meta['date']}; torch {meta['torch']}; one system per process, same GPU, same run",
+             "", f"- date {meta['date']}; torch {meta['torch']}; one system per process, same GPU model; `run` = the "
+             "result file (rows of one file ran in one device session)",
              "- tokens/s: median step after warm-up; peak: max allocated GiB, reset after loading "
              "(and after warm-up for slipstream, whose first step tunes kernels)",
              "- x HF: tokens/s over transformers + peft (gradient checkpointing) on the same base", ""]
@@ -58,11 +65,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
         if not group:
             continue
         hf = next((r["tok_s"] for r in group if r["system"] == "transformers + peft"), None)
-        lines += [f"## {base} base", "", "| system | setting | tok/s | peak GiB | x HF | target (tok/s, GiB) | met |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"## {base} base", "",
+                  "| system | setting | tok/s | peak GiB | x HF | target (tok/s, GiB) | met | run |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in sorted(group, key=lambda r: (r["system"] != "slipstream", -(r["tok_s"] or 0))):
             if r.get("error"):
-                lines.append(f"| {r['system']} | {r['setting']} | error: {r['error'][:80]} | | | | |")
+                lines.append(f"| {r['system']} | {r['setting']} | error: {r['error'][:80]} | | | | | {r['run']} |")
                 continue
             ratio = f"{r['tok_s'] / hf:.2f}x" if hf and r["tok_s"] else "-"
             target = target_for(r)
@@ -73,7 +81,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
                                                          ("memory", r["peak_gib"] > target[1])) if bad) + ")")
             tgt = f">= {target[0]:,}, <= {target[1]}" if target else "-"
             lines.append(f"| {r['system']} | {r['setting']} | {r['tok_s']:,} | {r['peak_gib']} | {ratio} | {tgt} | "
-                         f"{met} |")
+                         f"{met} | {r['run']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -110,7 +118,8 @@ def main() -> int:
     a = ap.parse_args()
     raw = []
     for f in sorted(a.folder.glob("*.jsonl")):
-        raw += [json.loads(line) for line in f.read_text().splitlines() if line.strip().startswith("{")]
+        raw += [{**json.loads(line), "run": f.stem} for line in f.read_text().splitlines()
+                if line.strip().startswith("{")]
     if not raw:
         raise SystemExit(f"no result lines (*.jsonl) in {a.folder}")
     rows = [normalise(r) for r in raw]

@@ -148,6 +148,7 @@ def main() -> None:
 
         traceback.print_exc()
         result = dict(system="slipstream", shape=a.shape, base=a.base, checkpointing=a.checkpointing,
+                      bsz=a.bsz, seq=a.seq, max_memory_gib=a.max_memory_gib,
                       error=f"{type(exc).__name__}: {str(exc)[:300]}")
     print("RESULT " + json.dumps(result), flush=True)
 

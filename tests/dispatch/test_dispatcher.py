@@ -240,3 +240,59 @@ def test_tuning_keeps_each_candidates_best_round(acme, monkeypatch, rounds):
     if rounds == 2:  # the second round runs in reverse order
         first = len(timed) // 2
         assert timed[first:] == timed[:first][::-1]
+
+
+def _scripted(times: dict[str, float], calls: list[str], fail: str | None = None):
+    """A timer giving each candidate (by function name) a fixed time; raises for ``fail``."""
+    from slipstream.dispatch.graph_timing import GraphCaptureError
+
+    def timer(fn, device, **_):
+        name = getattr(fn.__defaults__[0], "__name__", "reference")
+        calls.append(name)
+        if name == fail:
+            raise GraphCaptureError("capture failed: a host sync")
+        return times.get(name, 10.0)
+
+    return timer
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_graph_timing_ranks_by_gpu_time_and_falls_back_to_events_for_all(acme, monkeypatch, capture_fails):
+    """SLIPSTREAM_TIMING=graph ranks by CUDA-graph GPU time; if one candidate can't be captured,
+    every candidate is timed with events instead (never a mix of the two clocks)."""
+    import importlib
+
+    dmod = importlib.import_module("slipstream.dispatch.dispatcher")
+    graph_calls: list[str] = []
+    event_calls: list[str] = []
+    # GPU time says slow_correct wins; host-bound events say fast_correct does
+    monkeypatch.setattr(dmod, "timing_method", lambda device: "graph")
+    monkeypatch.setattr(dmod, "graph_call_ms", _scripted({"slow_correct": 0.5, "fast_correct": 1.0}, graph_calls,
+                                                         fail="slow_correct" if capture_fails else None))
+    monkeypatch.setattr(dmod, "median_ms", _scripted({"slow_correct": 2.0, "fast_correct": 1.0}, event_calls))
+    ops.attention(*attention_args(56))
+    d = decision_for("attention")
+    chosen = next(r for r in d.candidates if r.status == "chosen")
+    if capture_fails:
+        assert d.chosen == "acme.fast_correct", d.format()
+        assert "CUDA graph" not in chosen.reason
+        assert {"slow_correct", "fast_correct"} <= set(event_calls)
+        assert all(r.status in ("chosen", "accepted", "rejected", "skipped") for r in d.candidates)
+        assert not any("while timing" in r.reason for r in d.candidates)
+    else:
+        assert d.chosen == "acme.slow_correct", d.format()
+        assert chosen.reason.endswith("(GPU time, CUDA graph)")
+        assert event_calls == []
+
+
+def test_timing_method_is_events_unless_asked_and_on_cuda(monkeypatch):
+    from slipstream.dispatch.dispatcher import timing_method
+
+    monkeypatch.delenv("SLIPSTREAM_TIMING", raising=False)
+    assert timing_method(torch.device("cuda", 0)) == "events"
+    monkeypatch.setenv("SLIPSTREAM_TIMING", "graph")
+    assert timing_method(torch.device("cuda", 0)) == "graph"
+    assert timing_method(torch.device("cpu")) == "events"  # nothing to capture on the CPU
+    monkeypatch.setenv("SLIPSTREAM_TIMING", "profiler")
+    with pytest.raises(ValueError, match="must be 'events' or 'graph'"):
+        timing_method(torch.device("cuda", 0))

@@ -23,7 +23,8 @@ import torch.utils.checkpoint
 
 from slipstream.device import DeviceInfo, device_info
 from slipstream.dispatch.cache import DecisionCache
-from slipstream.dispatch.timing import median_ms
+from slipstream.dispatch.graph_timing import GraphCaptureError, graph_ms
+from slipstream.dispatch.timing import median_ms, synchronize
 from slipstream.dispatch.trace import CandidateReport, Decision
 from slipstream.dispatch.verify import Oracle, grad_targets, random_grad_outputs, run
 from slipstream.ops._spec import OpSpec
@@ -41,6 +42,51 @@ VERIFY_ELEMENTS_DEFAULT = 1 << 22
 # ranked the same config 2x apart from one candidate to the next (clock ramps after compiles).
 TIMING_ROUNDS = {"cpu": 1}
 TIMING_ROUNDS_DEFAULT = 2
+
+
+def timing_method(device: torch.device) -> str:
+    """How the tuner times candidates: ``"graph"`` (GPU time replayed from a CUDA graph, no host
+    overhead) when ``SLIPSTREAM_TIMING=graph`` and the device is CUDA, else ``"events"`` (events or a
+    synchronised clock around each call: host time included where the host is the bottleneck)."""
+    wanted = os.environ.get("SLIPSTREAM_TIMING", "events").strip().lower() or "events"
+    if wanted not in ("events", "graph"):
+        raise ValueError(f"SLIPSTREAM_TIMING must be 'events' or 'graph', got {wanted!r}")
+    return "graph" if wanted == "graph" and device.type == "cuda" else "events"
+
+
+def graph_call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """GPU ms of ``fn()`` by CUDA-graph replay, with enough calls per graph for ~5 ms of GPU work."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    synchronize(device)
+    once_ms = (time.perf_counter() - t0) * 1000  # an upper bound on the GPU time: sets the calls per graph
+    iters = max(1, min(20, round(5.0 / max(once_ms, 1e-3))))
+    ms = graph_ms(fn, device, iters_per_graph=iters, replays=5)
+    if ms is None:  # not CUDA: the caller asked for graphs where there are none
+        raise GraphCaptureError(f"CUDA graphs need a CUDA device, not {device}")
+    return ms
+
+
+def _time_rounds(passing: list, rounds: int, timer: Callable, spec: OpSpec, args: tuple, grad_outs) -> None:
+    """Interleaved rounds (alternating order) of ``timer`` over the passing candidates, keeping each
+    one's best. A candidate that runs out of memory or raises is rejected; a
+    :class:`GraphCaptureError` propagates (the caller falls back to events for every candidate)."""
+    for round_ in range(rounds):
+        for _cand, fn, report in (passing if round_ % 2 == 0 else passing[::-1]):
+            if report.status == "rejected":
+                continue
+            try:
+                ms = timer(lambda fn=fn: run(fn, spec, args, grad_outs))
+            except GraphCaptureError:
+                raise
+            except torch.OutOfMemoryError:
+                report.status, report.reason = "rejected", "out of memory while timing"
+                continue
+            except Exception as exc:
+                report.status, report.reason = "rejected", f"raised while timing: {type(exc).__name__}: {exc}"
+                continue
+            report.time_ms = ms if report.time_ms is None else min(report.time_ms, ms)
 
 
 class DispatchError(RuntimeError):
@@ -285,19 +331,19 @@ class Dispatcher:
                 passing.append((cand, fn, report))
             where = args[0].device if isinstance(args[0], torch.Tensor) else info.torch_device
             rounds = TIMING_ROUNDS.get(info.type, TIMING_ROUNDS_DEFAULT) if len(passing) > 1 else 1
-            for round_ in range(rounds):
-                for _cand, fn, report in (passing if round_ % 2 == 0 else passing[::-1]):
-                    if report.status == "rejected":
-                        continue
-                    try:
-                        ms = median_ms(lambda fn=fn: run(fn, spec, timing_args, grad_outs), where)
-                    except torch.OutOfMemoryError:
-                        report.status, report.reason = "rejected", "out of memory while timing"
-                        continue
-                    except Exception as exc:
-                        report.status, report.reason = "rejected", f"raised while timing: {type(exc).__name__}: {exc}"
-                        continue
-                    report.time_ms = ms if report.time_ms is None else min(report.time_ms, ms)
+            method = timing_method(where)
+            if method == "graph":
+                try:
+                    _time_rounds(passing, rounds, lambda f: graph_call_ms(f, where), spec, timing_args, grad_outs)
+                except GraphCaptureError as exc:  # one candidate can't be captured: time all of them with events
+                    progress(f"  CUDA-graph timing failed ({exc}); timing every candidate with events")
+                    for _cand, _fn, report in passing:
+                        if report.reason.endswith("while timing") or report.reason.startswith("raised while timing"):
+                            report.status, report.reason = "accepted", ""
+                        report.time_ms = None
+                    method = "events"
+            if method == "events":
+                _time_rounds(passing, rounds, lambda f: median_ms(f, where), spec, timing_args, grad_outs)
             best: tuple[float, Candidate, CandidateReport] | None = None
             for cand, _fn, report in passing:
                 if report.status != "rejected" and (best is None or report.time_ms < best[0]):
@@ -308,6 +354,8 @@ class Dispatcher:
         best[2].status = "chosen"
         ref_time = next((r.time_ms for r in reports if r.kind == "reference" and r.time_ms), None)
         best[2].reason = "fastest correct" + (f", {ref_time / best[0]:.2f}x the reference" if ref_time else "")
+        if method == "graph":
+            best[2].reason += " (GPU time, CUDA graph)"
         decision = Decision(spec.name, key_text, info.describe(), "tuned", best[1].label, shapes, reports)
         try:
             self.cache_for(info).put(key_text, decision.to_json())
