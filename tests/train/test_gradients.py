@@ -75,9 +75,10 @@ def test_accumulation_2x2_equals_one_batch_of_4(tiny_dir):
     assert worst > 0.05
 
 
-@pytest.mark.parametrize("policy", [True, "offload", "partial", "partial_lean"])
-def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
-    model, tok = load_tiny(tiny_dir, accelerate=True, dropout=0.1)
+def tiny_with_batch(tiny_dir, dropout: float = 0.0):
+    """A tiny LoRA model in training mode with random B, a fresh packed batch, and ``grads()``: one
+    forward+backward from zeroed gradients (dropout masks seeded the same every time)."""
+    model, _ = load_tiny(tiny_dir, accelerate=True, dropout=dropout)
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     batch = PackedCollator(0)(fresh_rows(2, 64, gen))
     perturb_lora_b(model, gen)
@@ -85,10 +86,16 @@ def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
 
     def grads() -> dict:
         model.zero_grad()
-        torch.manual_seed(1234)  # same dropout masks in both runs (checkpointing replays the RNG)
+        torch.manual_seed(1234)  # same dropout masks in every run (checkpointing replays the RNG)
         model(**batch, use_cache=False).loss.backward()
         return lora_grads(model)
 
+    return model, batch, grads
+
+
+@pytest.mark.parametrize("policy", [True, "offload", "partial", "partial_lean"])
+def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
+    model, _batch, grads = tiny_with_batch(tiny_dir, dropout=0.1)
     apply_checkpointing(model, False, verbose=False)
     grads()  # warm-up: the dispatcher's first-call decisions draw from the global RNG (dropout's too)
     reference = grads()

@@ -9,9 +9,7 @@ import torch
 
 from slipstream.train import recompute
 from slipstream.train.offload import apply_checkpointing, checkpoint_layers
-from slipstream.train.packing import PackedCollator
-from tests.train.conftest import load_tiny
-from tests.train.test_gradients import fresh_rows, lora_grads, perturb_lora_b
+from tests.train.test_gradients import tiny_with_batch
 
 
 def scaled_sin(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -128,17 +126,7 @@ def test_output_modified_in_place_is_kept_not_recomputed():
 
 
 def test_lean_policy_on_a_model_is_exact_and_recomputes_the_mapped_outputs(tiny_dir):
-    model, _ = load_tiny(tiny_dir, accelerate=True)  # lora_dropout 0: the LoRA projections run our op
-    gen = torch.Generator().manual_seed(random.randrange(2**31))
-    batch = PackedCollator(0)(fresh_rows(2, 64, gen))
-    perturb_lora_b(model, gen)
-    model.train()
-
-    def grads() -> dict:
-        model.zero_grad()
-        model(**batch, use_cache=False).loss.backward()
-        return lora_grads(model)
-
+    model, batch, grads = tiny_with_batch(tiny_dir)  # lora_dropout 0: the LoRA projections run our op
     apply_checkpointing(model, False, verbose=False)
     grads()  # warm-up: first-call dispatch decisions
     reference = grads()
