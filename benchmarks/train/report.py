@@ -6,7 +6,8 @@
 Writes ``results.json`` (every row, normalised), ``results.md`` (tokens/s and peak GiB per system and
 base, with ratios to plain transformers + peft and the issue's targets) and ``results.png`` in the
 same folder. The peers' rows come from ``../shared/peers/gpu_baseline.py`` (``variant`` hf, liger,
-hf4, liger4); slipstream's from ``w8b.py`` (``system`` slipstream).
+hf4, liger4) and ``../shared/peers/unsloth_bench.py`` (``variant`` unsloth); slipstream's from
+``w8b.py`` (``system`` slipstream).
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ TARGETS = {("checkpointing on", "bf16"): (11_700, 16.5), ("checkpointing on", "n
 
 def normalise(row: dict) -> dict:
     """One row: system, setting, base, tok_s, peak_gib, step_s and the raw line."""
+    if row.get("variant") == "unsloth":  # ../shared/peers/unsloth_bench.py
+        gc = row.get("gc")
+        setting = "checkpointing on (offloaded)" if gc == "unsloth" else f"gradient checkpointing {gc}"
+        return {"system": "Unsloth", "setting": setting, "base": "nf4" if row.get("load_in_4bit") else "bf16",
+                "tok_s": row.get("tok_s"), "peak_gib": row.get("peak_gib"), "step_s": row.get("step_s"),
+                "error": row.get("error"), "run": row.get("run", "-"), "raw": row}
     if "variant" in row:
         name, base = PEER_NAMES.get(row["variant"], (row["variant"], "bf16"))
         return {"system": name, "setting": "checkpointing on", "base": base, "tok_s": row.get("tok_s"),
@@ -96,7 +103,8 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     ok = [r for r in rows if r.get("tok_s")]
     fig, ax = plt.subplots(figsize=(8, 5))
-    colours = {"slipstream": "tab:blue", "transformers + peft": "tab:grey", "Liger-Kernel 0.8.5": "tab:orange"}
+    colours = {"slipstream": "tab:blue", "transformers + peft": "tab:grey", "Liger-Kernel 0.8.5": "tab:orange",
+               "Unsloth": "tab:green"}
     for r in ok:
         marker = "o" if r["base"] == "bf16" else "s"
         ax.scatter(r["peak_gib"], r["tok_s"], c=colours.get(r["system"], "black"), marker=marker, s=60)

@@ -24,12 +24,15 @@ def test_rows_settings_targets_and_runs(tmp_path):
     ]) + "\n")
     (tmp_path / "run_b.jsonl").write_text(
         json.dumps(mine(checkpointing="auto", base="nf4", bsz=1, seq=131072, error="OutOfMemoryError: x")) + "\n"
-        + json.dumps({"variant": "hf", "tok_s": 5_766, "peak_gib": 23.4, "step_s": 0.7}) + "\n")
+        + json.dumps({"variant": "hf", "tok_s": 5_766, "peak_gib": 23.4, "step_s": 0.7}) + "\n"
+        + json.dumps({"variant": "unsloth", "gc": "unsloth", "load_in_4bit": True, "tok_s": 9_851, "peak_gib": 7.0,
+                      "step_s": 0.42}) + "\n")
     subprocess.run([sys.executable, str(REPORT), str(tmp_path)], check=True, capture_output=True)
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     by = {(r["setting"], r["base"]): r for r in rows}
     assert by[("checkpointing on (offloaded)", "bf16")]["run"] == "run_a"
     assert by[("checkpointing on", "bf16")]["system"] == "transformers + peft"  # the peers' rows are normalised
+    assert by[("checkpointing on (offloaded)", "nf4")]["system"] == "Unsloth"
     md = (tmp_path / "results.md").read_text()
     lines = {line.split("|")[2].strip(): line for line in md.splitlines() if line.startswith("| slipstream")}
     assert "| yes | run_a |" in lines["checkpointing on (offloaded)"]
