@@ -150,3 +150,26 @@ def test_lean_policy_on_a_model_is_exact_and_recomputes_the_mapped_outputs(tiny_
     recompute.stats.reset()
     grads()
     assert recompute.stats.packed == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3", "phi3"])
+def test_the_planner_counts_what_lean_actually_frees(arch):
+    """``lean_elements`` (the planner's saving per token and layer) equals the bytes of the buffers
+    stored as recipes in a real forward: Gemma 2/3's post-norms and Qwen3's q/k norms feed nothing
+    that saves them, so they must not be counted."""
+    from slipstream.models import accelerate
+    from slipstream.train.memory import lean_elements
+    from tests.models.tiny import build, ids, with_lora
+
+    model = with_lora(build(arch))
+    accelerate(model)
+    model.enable_input_require_grads()  # the first layer's input norm is then tagged like the others
+    model.train()
+    layers = checkpoint_layers(model)
+    apply_checkpointing(model, "lean", verbose=False)
+    gated, elements = lean_elements(model)
+    assert gated and elements > 0
+    batch = ids(2, 12)
+    recompute.stats.reset()
+    model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    assert recompute.stats.unique_bytes == len(layers) * batch.numel() * elements * 4  # fp32

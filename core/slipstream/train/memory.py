@@ -7,9 +7,9 @@ needed to fit, keep the rest's activations leanly: each checkpointed layer costs
 forward, so fewer is faster), ``checkpoint`` (keep each decoder layer's input, recompute every
 layer in backward), ``offload`` (checkpointing with the layer inputs held in pinned host memory).
 The planner is a pure function of the model's shape, the batch, the dtype and the free memory, so
-its decisions are testable without the hardware. Measured on an H100 (W8B, bf16, 2 x 2048), before
-``lean`` existed: a 23.4 GiB cap gave ``partial`` with 24 of 32 layers checkpointed, 21.2 GiB peak,
-and 10,714 tok/s against 9,881 fully checkpointed.
+its decisions are testable without the hardware. Measured on an H100 (W8B, bf16, 2 x 2048) under a
+23.4 GiB cap: ``partial`` with 17 of 32 layers checkpointed and the other 15 lean, 21.8 GiB peak,
+12,486 tok/s (before ``lean``: 24 checkpointed, 21.2 GiB, 10,714 tok/s; fully checkpointed 9,881).
 
 Activation estimate for one decoder layer of a Llama-style model (LoRA adapters, frozen base,
 ``lora_dropout = 0``, memory-efficient attention), with ``T = batch * seq`` tokens and ``b`` bytes
@@ -44,8 +44,9 @@ or, when more, the transients one layer needs on top of what is kept: in backwar
 gate, up and act(gate)*up, of the layer input and of q, k, v; in a lean forward the outputs that
 are dropped after it. At 2 x 2048 tokens that is 0.47 GB, under the reserve; at 131k tokens it is
 15 GB, and without it the planner sent a 131k-token NF4 step into an out-of-memory error on the H100.)
-A policy fits when its need is at most ``headroom`` (90 %) of the free memory measured after the model was loaded, or of
-what a user's cap (``max_memory_gib``: the whole process, weights included) leaves after loading.
+A policy fits when its need is at most ``headroom`` (90 %) of the free memory measured after the
+model was loaded, or of what a user's cap (``max_memory_gib``: the whole process, weights included)
+leaves after loading.
 """
 
 from __future__ import annotations
@@ -281,8 +282,10 @@ def plan_for_model(model: torch.nn.Module, *, batch: int, seq: int, free_bytes: 
 
 def lean_elements(model: torch.nn.Module) -> tuple[bool, int]:
     """``(gated_op, elements)`` for the model's first decoder layer: whether its MLP runs slipstream's
-    gated op, and the elements per token lean activations recompute there instead of keeping (the
-    outputs of the RMSNorms and gated MLPs that slipstream mapped: ``H`` per norm, ``I`` per MLP)."""
+    gated op, and the elements per token lean activations recompute there instead of keeping: the
+    outputs of the hidden-size RMSNorms that feed a projection (at most two: Gemma 2/3's post-norms
+    feed the residual add, which saves nothing; Qwen3's per-head q/k norms feed RoPE, which saves
+    nothing either) and of the gated MLPs slipstream mapped (``I`` each)."""
     from slipstream.models.mlp import MlpConfig, in_features
     from slipstream.models.norms import NormConfig
     from slipstream.train.offload import checkpoint_layers
@@ -290,16 +293,19 @@ def lean_elements(model: torch.nn.Module) -> tuple[bool, int]:
     layers = checkpoint_layers(model)
     if not layers:
         return False, 0
-    gated, elements = False, 0
+    gated, elements, norm_widths = False, 0, []
     for module in layers[0].modules():
         cfg = getattr(module, "_slipstream", None)
         if isinstance(cfg, NormConfig):
-            elements += int(module.weight.shape[0])
+            norm_widths.append(int(module.weight.shape[0]))
         elif isinstance(cfg, MlpConfig):
             down = in_features(module.down_proj)
             if down:
                 gated = True
                 elements += int(down)
+    if norm_widths:
+        hidden = max(norm_widths)
+        elements += hidden * min(2, norm_widths.count(hidden))
     return gated, elements
 
 

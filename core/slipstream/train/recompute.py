@@ -42,6 +42,7 @@ class Recipe:
     label: str
     cached: torch.Tensor | None = None
     pending: int = 0  # packed references not yet unpacked: the recomputed value is cached until then
+    counted: bool = False  # its buffer is in ``stats.unique_bytes``
 
     def recompute(self) -> torch.Tensor:
         for i, (a, v) in enumerate(zip(self.args, self.versions, strict=True)):
@@ -63,12 +64,13 @@ class LeanStats:
     """Counters for tests and reports: tensors (and bytes) stored as recipes, recomputes run."""
 
     packed: int = 0
-    packed_bytes: int = 0
+    packed_bytes: int = 0  # per saved reference (q, k and v saving one norm output count it thrice)
+    unique_bytes: int = 0  # per buffer: the memory that is no longer kept
     recomputed: int = 0
     by_label: dict = field(default_factory=dict)
 
     def reset(self) -> None:
-        self.packed = self.packed_bytes = self.recomputed = 0
+        self.packed = self.packed_bytes = self.unique_bytes = self.recomputed = 0
         self.by_label = {}
 
 
@@ -118,6 +120,9 @@ def _pack(t: torch.Tensor) -> object:
     if recipe is None or root._version != recipe.out_version or t.dtype != root.dtype:
         return t
     recipe.pending += 1
+    if not recipe.counted:
+        recipe.counted = True
+        stats.unique_bytes += root.numel() * root.element_size()
     nbytes = t.numel() * t.element_size()
     stats.packed += 1
     stats.packed_bytes += nbytes
