@@ -76,7 +76,7 @@ def logits_of(model, ids):
         return model(input_ids=ids, use_cache=False).logits.float()
 
 
-@pytest.mark.parametrize("packing, gc", [(True, "auto"), (False, True)])
+@pytest.mark.parametrize("packing, gc", [(True, "auto"), (False, True), (True, "lean")])
 def test_cli_trains_and_outputs_load_with_plain_libraries(tiny_dir, tmp_path, capsys, packing, gc):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -87,6 +87,8 @@ def test_cli_trains_and_outputs_load_with_plain_libraries(tiny_dir, tmp_path, ca
     printed = capsys.readouterr().out
     assert "kernels chosen" in printed and "adapter saved" in printed
     assert "gradient checkpointing: " in printed
+    if gc == "lean":
+        assert "gradient checkpointing: lean (requested)" in printed
 
     out = tmp_path / "out"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
