@@ -1,8 +1,8 @@
 """The memory planner: pick the fastest gradient-checkpointing policy whose activations fit.
 
 Policies, fastest first: ``none`` (keep every activation), ``lean`` (keep the GEMM outputs,
-recompute the cheap elementwise ones in backward: :mod:`slipstream.train.recompute`, ~1 % of the
-time for about a third of the memory), ``partial`` (checkpoint only as many decoder layers as
+recompute the cheap elementwise ones in backward: :mod:`slipstream.train.recompute`, 3-5 % of
+the step time for about a third of the memory on the H100), ``partial`` (checkpoint only as many decoder layers as
 needed to fit, keep the rest's activations leanly: each checkpointed layer costs one recomputed
 forward, so fewer is faster), ``checkpoint`` (keep each decoder layer's input, recompute every
 layer in backward), ``offload`` (checkpointing with the layer inputs held in pinned host memory).

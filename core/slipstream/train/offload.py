@@ -6,7 +6,7 @@
 
 - ``"lean"``: no recompute of the layer; its cheap elementwise outputs (RMSNorm, the gated
   activation) are recomputed when backward needs them instead of being kept
-  (:mod:`slipstream.train.recompute`): about a third less activation memory for ~1 % of the time.
+  (:mod:`slipstream.train.recompute`): about a third less activation memory for 3-5 % of the step time (H100, W8B).
 - ``"checkpoint"``: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``.
 - ``"offload"``: :class:`OffloadedCheckpoint`. Like checkpointing, only each layer's input is kept
   and the layer is recomputed in backward, but that input lives in pinned host memory: it is
