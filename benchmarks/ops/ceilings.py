@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 
-from slipstream.dispatch.graph_timing import GRAPH_WARMUP, GraphCaptureError, graph_ms  # noqa: F401 - re-exported
+from slipstream.dispatch.graph_timing import GraphCaptureError, graph_ms  # noqa: F401 - re-exported
 
 GPU_COPY_BYTES = 1 << 30  # 1 GiB source: far beyond any L2
 CPU_COPY_BYTES = 1 << 26

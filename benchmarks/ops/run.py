@@ -64,6 +64,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from benchmarks.ops import ceilings, peers, report  # noqa: E402
+from slipstream.dispatch.graph_timing import GRAPH_MAX_ITERS, graph_iters  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -86,7 +87,6 @@ TIME_LIMIT_S = {"default": 390.0, "quick": 200.0}
 # as many calls as fit ``budget_ms`` of replay in all (judged by the event-timed fwd+bwd, an upper
 # bound on the GPU time)
 GRAPH = {"default": {"budget_ms": 100.0, "replays": 10}, "quick": {"budget_ms": 50.0, "replays": 5}}
-GRAPH_MAX_ITERS = 20
 COMPILE_BUDGET_S = {"default": 150.0, "quick": 90.0}
 
 
@@ -419,13 +419,6 @@ def step(fn: Callable, spec, args: tuple, grad_outs):
     from slipstream.dispatch.verify import run
 
     return run(fn, spec, args, grad_outs)
-
-
-def graph_iters(estimate_ms: float | None, budget_ms: float, replays: int, max_iters: int = GRAPH_MAX_ITERS) -> int:
-    """Calls per CUDA graph: as many as fit ``budget_ms`` over ``replays`` replays, 1 to ``max_iters``."""
-    if not estimate_ms or estimate_ms <= 0:
-        return max_iters
-    return max(1, min(max_iters, int(budget_ms / (replays * estimate_ms))))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 
 from slipstream.device import DeviceInfo, device_info
 from slipstream.dispatch.cache import DecisionCache
-from slipstream.dispatch.graph_timing import GraphCaptureError, graph_ms
+from slipstream.dispatch.graph_timing import GraphCaptureError, graph_iters, graph_ms
 from slipstream.dispatch.timing import median_ms, synchronize
 from slipstream.dispatch.trace import CandidateReport, Decision
 from slipstream.dispatch.verify import Oracle, grad_targets, random_grad_outputs, run
@@ -54,6 +54,9 @@ def timing_method(device: torch.device) -> str:
     return "graph" if wanted == "graph" and device.type == "cuda" else "events"
 
 
+GRAPH_REPLAYS, GRAPH_BUDGET_MS = 5, 25.0  # per candidate and round: about 5 ms of GPU work per replay
+
+
 def graph_call_ms(fn: Callable[[], object], device: torch.device) -> float:
     """GPU ms of ``fn()`` by CUDA-graph replay, with enough calls per graph for ~5 ms of GPU work."""
     synchronize(device)
@@ -61,8 +64,8 @@ def graph_call_ms(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     synchronize(device)
     once_ms = (time.perf_counter() - t0) * 1000  # an upper bound on the GPU time: sets the calls per graph
-    iters = max(1, min(20, round(5.0 / max(once_ms, 1e-3))))
-    ms = graph_ms(fn, device, iters_per_graph=iters, replays=5)
+    iters = graph_iters(once_ms, GRAPH_BUDGET_MS, GRAPH_REPLAYS)
+    ms = graph_ms(fn, device, iters_per_graph=iters, replays=GRAPH_REPLAYS)
     if ms is None:  # not CUDA: the caller asked for graphs where there are none
         raise GraphCaptureError(f"CUDA graphs need a CUDA device, not {device}")
     return ms
@@ -337,10 +340,8 @@ class Dispatcher:
                     _time_rounds(passing, rounds, lambda f: graph_call_ms(f, where), spec, timing_args, grad_outs)
                 except GraphCaptureError as exc:  # one candidate can't be captured: time all of them with events
                     progress(f"  CUDA-graph timing failed ({exc}); timing every candidate with events")
-                    for _cand, _fn, report in passing:
-                        if report.reason.endswith("while timing") or report.reason.startswith("raised while timing"):
-                            report.status, report.reason = "accepted", ""
-                        report.time_ms = None
+                    for _cand, _fn, report in passing:  # all passed verification: any rejection came from timing
+                        report.status, report.reason, report.time_ms = "accepted", "", None
                     method = "events"
             if method == "events":
                 _time_rounds(passing, rounds, lambda f: median_ms(f, where), spec, timing_args, grad_outs)

@@ -27,6 +27,7 @@ class GraphCaptureError(RuntimeError):
 
 
 GRAPH_WARMUP = 3
+GRAPH_MAX_ITERS = 20
 _ABANDONED_GRAPHS: list = []  # failed captures, kept alive: a stale allocator filter may point at them
 
 
@@ -63,6 +64,13 @@ def graph_ms(fn: Callable[[], object], device: torch.device, *, iters_per_graph:
         raise ValueError(f"iters_per_graph ({iters_per_graph}) and replays ({replays}) must be >= 1")
     with torch.cuda.device(device):
         return _graph_ms(fn, iters_per_graph, replays, warmup)
+
+
+def graph_iters(estimate_ms: float | None, budget_ms: float, replays: int, max_iters: int = GRAPH_MAX_ITERS) -> int:
+    """Calls per CUDA graph: as many as fit ``budget_ms`` over ``replays`` replays, 1 to ``max_iters``."""
+    if not estimate_ms or estimate_ms <= 0:
+        return max_iters
+    return max(1, min(max_iters, int(budget_ms / (replays * estimate_ms))))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -221,4 +229,4 @@ def _rng_usable(side, caller) -> bool:
     return probe()
 
 
-__all__ = ["GRAPH_WARMUP", "GraphCaptureError", "graph_ms"]
+__all__ = ["GRAPH_MAX_ITERS", "GRAPH_WARMUP", "GraphCaptureError", "graph_iters", "graph_ms"]

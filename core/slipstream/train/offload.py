@@ -6,7 +6,8 @@
 
 - ``"lean"``: no recompute of the layer; its cheap elementwise outputs (RMSNorm, the gated
   activation) are recomputed when backward needs them instead of being kept
-  (:mod:`slipstream.train.recompute`): about a third less activation memory for 3-5 % of the step time (H100, W8B).
+  (:mod:`slipstream.train.recompute`): about a third less activation memory for 3-5 % of the
+  step time (H100, W8B).
 - ``"checkpoint"``: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``.
 - ``"offload"``: :class:`OffloadedCheckpoint`. Like checkpointing, only each layer's input is kept
   and the layer is recomputed in backward, but that input lives in pinned host memory: it is
@@ -91,7 +92,6 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
     if name != "none" and config is not None and getattr(config, "use_cache", False):
         config.use_cache = False
     object.__setattr__(_unwrap(model), "_slipstream_checkpointing", name)
-    object.__setattr__(_unwrap(model), "_slipstream_lean", lean)
     return name
 
 
