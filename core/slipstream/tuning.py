@@ -71,12 +71,20 @@ def step_calls(shape: ModelShape, batch: int, seq: int, device: torch.device, dt
         calls.append((SPECS["swiglu"], (gate, up)))
     projections = {(h, shape.heads * d), (h, shape.kv_heads * d), (shape.heads * d, h),
                    (h, shape.intermediate), (shape.intermediate, h)}
-    for k_in, n_out in sorted(projections):
-        x = _t((n, k_in), device, dtype, True)
+    def projection(k_in: int, n_out: int) -> tuple:
         w = _t((n_out, k_in), device, dtype, scale=k_in ** -0.5)
         a = _t((lora_rank, k_in), device, dtype, True, scale=k_in ** -0.5)
         b = _t((n_out, lora_rank), device, dtype, True, scale=lora_rank ** -0.5)
-        calls.append((SPECS["lora_linear"], (x, w, a, b, 1.0, None)))
+        return w, a, b, 1.0, None
+
+    # every projection alone (o_proj, down_proj; all of them with SLIPSTREAM_LORA_GROUPS=0) ...
+    for k_in, n_out in sorted(projections):
+        calls.append((SPECS["lora_linear"], (_t((n, k_in), device, dtype, True), *projection(k_in, n_out))))
+    # ... and the groups of projections sharing an input (models/lora_groups.py): q/k/v and gate/up
+    for outs in ((shape.heads * d, shape.kv_heads * d, shape.kv_heads * d), (shape.intermediate,) * 2):
+        slots = [a for n_out in outs for a in projection(h, n_out)]
+        slots += [None] * (5 * 3 - len(slots))
+        calls.append((SPECS["lora_linear_group"], (_t((n, h), device, dtype, True), *slots)))
     labels = torch.randint(0, shape.vocab, (n,), device=device)
     calls.append((SPECS["linear_cross_entropy"], (_t((n, h), device, dtype, True),
                                                    _t((shape.vocab, h), device, dtype, scale=h ** -0.5), labels,

@@ -58,6 +58,8 @@ def bf16(*shape):
 ARGS = {
     "swiglu": lambda: (bf16(4, 64), bf16(4, 64)),
     "lora_linear": lambda: (bf16(4, 64), bf16(32, 64), bf16(8, 64), bf16(32, 8), 2.0, None),
+    "lora_linear_group": lambda: (bf16(4, 64), bf16(32, 64), bf16(8, 64), bf16(32, 8), 2.0, None,
+                                  bf16(16, 64), bf16(8, 64), bf16(16, 8), 2.0, None, None, None, None, None, None),
     "attention": lambda: (bf16(1, 4, 16, 64), bf16(1, 2, 16, 64), bf16(1, 2, 16, 64), True, None, None, None,
                           None),
 }
@@ -181,3 +183,15 @@ def test_library_candidates_are_vendor_bound():
     args = (*ARGS["attention"]()[:6], 30.0, None)
     dispatcher().candidates(spec("attention"), MI300X, args, reports)
     assert any(r.label == "rocm.sdpa_flash" and r.status == "skipped" for r in reports)
+
+
+@pytest.mark.parametrize("info", ALL, ids=lambda i: i.arch)
+def test_lora_group_is_offered_like_lora_linear(info):
+    """Every backend registering the portable lora_linear registers the group entry too, with the same
+    tuning space on each device."""
+    single = {(c.impl.name, repr(sorted(c.config.items()))) for c in candidates("lora_linear", info)[0]
+              if c.impl.name.endswith(".lora_linear") and c.impl.kind == "vendor"}
+    group = {(c.impl.name.removesuffix("_group"), repr(sorted(c.config.items())))
+             for c in candidates("lora_linear_group", info)[0]
+             if c.impl.name.endswith(".lora_linear_group") and c.impl.kind == "vendor"}
+    assert single and group == single

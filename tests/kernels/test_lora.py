@@ -6,14 +6,26 @@ per-dtype tolerance, every gradient that is asked for. Inputs are fresh random t
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from slipstream.dispatch.verify import errors
 from slipstream.kernels import lora as lora_kernels
-from slipstream.kernels.lora import CONFIGS, KERNELS, accepts, lora_linear, lora_linear_group
+from slipstream.kernels.lora import (
+    CONFIGS,
+    KERNELS,
+    accepts,
+    accepts_group,
+    lora_linear,
+    lora_linear_group,
+    lora_linear_group_op,
+)
 from slipstream.ops._spec import MATMUL_TOLERANCES
 from slipstream.ops.lora_linear import SPEC, reference
+from slipstream.ops.lora_linear_group import SPEC as GROUP_SPEC
+from slipstream.ops.lora_linear_group import flat_args
 from slipstream.quant import QuantizedWeight, quantize_nf4
 from tests.helpers import aot_compile_sm90, assert_matches_reference
 
@@ -263,6 +275,25 @@ def test_group_single_projection_and_unused_output():
         lora_linear_group(x, [w, w], [a], [b], [s])
 
 
+@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1]], ids=["cublas", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_group_op_entry_matches_its_spec(dtype, config):
+    """The registered entry (flat slots) on every small sample of the op: pairs, triples, 1 row, odd
+    shapes with biases, NF4 bases, fp32 adapters under bf16; outputs and every gradient."""
+    fn = functools.partial(lora_linear_group_op, config=config)
+    for sample in GROUP_SPEC.samples(CPU, dtype, "small"):
+        assert_matches_reference(GROUP_SPEC, fn, sample.args)
+
+
+def test_accepts_group_checks_every_slot():
+    x, w, a, b, s, _ = make_args(4, 96, 16, 4, torch.bfloat16)
+    pair = flat_args(x, [w, w], [a, a], [b, b], [s, s])
+    assert accepts_group(*pair)
+    odd = quantize_nf4(torch.randn(16, 96), 96)  # blocksize 96: not for the Triton dequantisation
+    assert not accepts_group(*flat_args(x, [w, w, odd], [a] * 3, [b] * 3, [s] * 3))
+    assert not accepts_group(*flat_args(x, [w, w], [a, a.double()], [b, b.double()], [s, s]))
+
+
 # ----------------------------------------------------------------------------- peft
 class _Wrap(torch.nn.Module):
     def __init__(self, lin: torch.nn.Module):
@@ -337,9 +368,13 @@ def test_peft_bitsandbytes_linear4bit():
 def test_kernel_entry():
     from slipstream.registry import check_signature
 
-    (kernel,) = KERNELS
+    kernel, group = KERNELS
     assert (kernel.op, kernel.name) == ("lora_linear", "lora_linear")
     check_signature(SPEC.parameters, kernel.fn, wants_config=True, name="lora_linear")
+    # the group: same tuning space and compiled kernels, the flat-slot signature of its op
+    assert (group.op, group.name) == ("lora_linear_group", "lora_linear_group")
+    check_signature(GROUP_SPEC.parameters, group.fn, wants_config=True, name="lora_linear_group")
+    assert group.configs is kernel.configs and group.aot is kernel.aot
     assert 2 <= len(kernel.configs) <= 6
     for config in kernel.configs:
         units = kernel.aot(config)
@@ -361,7 +396,7 @@ def test_aot_units_compile_for_sm90():
     accumulation) compile for sm_90: the first config of each base, every kernel form in a test-sized
     compile time."""
     results = aot_compile_sm90(
-        "from slipstream.kernels.lora import KERNELS\n(kernel,) = KERNELS\nfirst = {}\n"
+        "from slipstream.kernels.lora import KERNELS\nkernel = KERNELS[0]\nfirst = {}\n"
         "for config in kernel.configs:\n    first.setdefault(config['base'], config)\n"
         "units = [u for config in first.values() for u in kernel.aot(config)]")
     assert any("lora_gemm" in name for name, _, _ in results)

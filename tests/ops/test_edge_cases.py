@@ -14,12 +14,22 @@ import torch
 import torch.nn.functional as F
 
 import slipstream.ops as ops
+from slipstream.dispatch import call
+from slipstream.ops.lora_linear_group import flat_args
 from slipstream.quant import quantize_nf4
 from tests.helpers import assert_matches_reference
 from tests.ops._compare import assert_no_worse, assert_tight
 
 REF = {name: spec.reference for name, spec in ops.SPECS.items()}
 REL = 1e-5
+
+
+def group(*args):
+    """``lora_linear_group`` called with its flat (slot) arguments, like its reference, through the dispatcher."""
+    return call(ops.spec("lora_linear_group"), args)
+
+
+FLAT = {"lora_linear_group": group}  # ops whose public function takes another argument form
 
 
 def rg(t: torch.Tensor) -> torch.Tensor:
@@ -39,6 +49,10 @@ def zero_row_calls():
                                                             torch.zeros(0, dtype=torch.long))),
         "lora_linear": (ops.lora_linear, (rg(torch.randn(0, 32)), torch.randn(24, 32), rg(torch.randn(4, 32)),
                                           rg(torch.randn(24, 4)), 2.0)),
+        "lora_linear_group": (group, flat_args(rg(torch.randn(0, 32)), [torch.randn(24, 32), torch.randn(8, 32)],
+                                               [rg(torch.randn(4, 32)), rg(torch.randn(2, 32))],
+                                               [rg(torch.randn(24, 4)), rg(torch.randn(8, 2))], [2.0, 0.5],
+                                               [None, rg(torch.randn(8))])),
         "attention": (ops.attention, (rg(torch.randn(1, 4, 0, 8)), rg(torch.randn(1, 2, 0, 8)),
                                       rg(torch.randn(1, 2, 0, 8)))),
     }
@@ -87,12 +101,17 @@ def test_one_row_forward_and_backward(name):
         "cross_entropy": (torch.randn(1, 7), torch.tensor([3])),
         "linear_cross_entropy": (torch.randn(1, 16), torch.randn(33, 16), torch.tensor([32])),
         "lora_linear": (torch.randn(1, 16), torch.randn(24, 16), torch.randn(2, 16), torch.randn(24, 2), 0.5),
+        "lora_linear_group": flat_args(torch.randn(1, 16),
+                                       [torch.randn(24, 16), torch.randn(8, 16), torch.randn(8, 16)],
+                                       [torch.randn(2, 16), torch.randn(3, 16), torch.randn(1, 16)],
+                                       [torch.randn(24, 2), torch.randn(8, 3), torch.randn(8, 1)], [0.5, 1.0, 2.0],
+                                       [torch.randn(24), None, torch.randn(8)]),
         "attention": (torch.randn(1, 2, 1, 8), torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)),
     }
     spec = ops.SPECS[name]
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point()
                  and n in spec.differentiable else a for n, a in zip(spec.parameters, calls[name], strict=False))
-    fn = getattr(ops, name)
+    fn = FLAT.get(name) or getattr(ops, name)
     assert_tight(fn, REF[name], args, rel=REL)
     assert_matches_reference(spec, fn, args)  # and the dispatcher's own oracle agrees
 

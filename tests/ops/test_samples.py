@@ -39,6 +39,10 @@ def bounded_size(name: str, args: tuple) -> tuple[int, int]:
     if name == "lora_linear":
         n, k = args[1].shape
         return args[0].numel() // k * max(n, k), max(n, k)
+    if name == "lora_linear_group":
+        k = args[0].shape[-1]
+        widest = max(k, *(args[i].shape[0] for i in (1, 6, 11) if args[i] is not None))
+        return args[0].numel() // k * widest, widest
     if name == "attention":
         b, hq, s, _ = args[0].shape
         return b * hq * s * s, b * hq  # the score matrix
@@ -140,6 +144,12 @@ def test_samples_cover_the_features_the_ops_advertise():
     lora = SPECS["lora_linear"].samples(DEVICE, torch.bfloat16, "small")
     assert any(isinstance(s.args[1], QuantizedWeight) for s in lora)
     assert any(s.args[2].dtype == torch.float32 for s in lora)  # fp32 adapters under a bf16 base
+    group = SPECS["lora_linear_group"].samples(DEVICE, torch.bfloat16, "small")
+    assert {s.args[11] is None for s in group} == {True, False}  # pairs (gate/up) and triples (q/k/v)
+    assert any(isinstance(s.args[1], QuantizedWeight) for s in group)
+    assert any(s.args[2].dtype == torch.float32 for s in group)
+    assert any(s.args[5] is not None and s.args[15] is not None for s in group)  # biases (Qwen2 q/k/v)
+    assert any(s.args[0].shape[0] == 1 for s in group)
     att = small["attention"]
     assert any(s.args[5] is not None and s.args[6] is not None for s in att)  # window + softcap
     assert any(s.args[7] is not None for s in att) and any(s.args[0].shape[2] == 1 for s in att)

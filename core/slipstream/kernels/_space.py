@@ -18,7 +18,7 @@ from slipstream.device import DeviceInfo
 from slipstream.kernels._catalog import PortableKernel
 
 DOT_TAGS = {"dot", "matmul", "gemm", "mma", "tensor-core"}
-DOT_OPS = {"lora_linear", "linear_cross_entropy", "attention"}
+DOT_OPS = {"lora_linear", "lora_linear_group", "linear_cross_entropy", "attention"}
 """Fallbacks when a kernel's jit source can't be read: its tags, else its op."""
 
 TILE_KEYS = {

@@ -17,6 +17,10 @@ Forward (one autograd node instead of peft's five):
   The ``"triton"`` base (see :data:`CONFIGS`) instead runs steps 2+4 as one Triton GEMM whose epilogue
   adds ``xa @ (scaling * B).T`` and the bias from registers: the (M, N) output is written once.
 
+Under :func:`slipstream.ops.hints.output_values_unused` (a checkpointed layer's recompute, where
+the caller never reads this output) steps 1, 2 and 4 are skipped: the output is left uninitialised
+and only ``xa``, which ``dB`` needs, is computed.
+
 Saved for backward: ``x`` (needed by ``dA`` and a dense ``dW``), ``xa`` (M, r) and references to ``W``,
 ``A`` and ``B``; never a dequantised ``W``, never (M, N) activations.
 
@@ -36,7 +40,9 @@ adapter's dtype.
 :func:`lora_linear_group` does the same for projections that share their input (q/k/v, gate/up):
 one GEMM ``x @ cat(A_i).T`` for all LoRA down-projections, one ``dX`` LoRA term
 ``dYB_all @ cat(s_i A_i)`` and one ``dA_all = dYB_all.T @ x``, so ``x`` is read once per pass
-instead of once per projection.
+instead of once per projection. :func:`lora_linear_group_op` is its entry for the ``lora_linear_group``
+op (flat argument slots, see :mod:`slipstream.ops.lora_linear_group`), registered with the same tuning
+space, kernels and input predicate (applied to every projection) as ``lora_linear``.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import triton.language as tl
 from slipstream.kernels import nf4
 from slipstream.kernels._aot import AotUnit, ptr
 from slipstream.kernels._catalog import PortableKernel, interpreter_on, launch_options
+from slipstream.ops.hints import output_values_are_unused
 from slipstream.quant import QuantizedWeight
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -235,7 +242,10 @@ class _LoraLinear(torch.autograd.Function):
         a_c, b_c = lora_a.to(dt), lora_b.to(dt)
         bias_c = None if bias is None else bias.to(dt)
         xa = torch.mm(x2, a_c.t())  # (M, r)
-        out = _base_plus_lora(x2, weight, bias_c, xa, b_c, scaling, cfg)
+        if output_values_are_unused():  # a recomputed layer's last projection: only the backward is needed
+            out = x2.new_empty((x2.shape[0], n))
+        else:
+            out = _base_plus_lora(x2, weight, bias_c, xa, b_c, scaling, cfg)
         dense = weight if isinstance(weight, torch.Tensor) else None
         ctx.save_for_backward(x2, xa, dense, lora_a, lora_b)
         ctx.qweight = None if dense is not None else weight
@@ -423,6 +433,39 @@ def accepts(x: object, weight: object, lora_a: object, lora_b: object, scaling: 
     return isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2
 
 
+GROUP_SLOTS = 3
+"""Projection slots of the ``lora_linear_group`` op's flat signature (see slipstream.ops.lora_linear_group)."""
+
+
+def _filled(args: Sequence) -> list[tuple]:
+    """``(weight, lora_a, lora_b, scaling, bias)`` of each filled slot of the op's flat arguments."""
+    return [tuple(args[1 + 5 * i:6 + 5 * i]) for i in range(GROUP_SLOTS) if args[1 + 5 * i] is not None]
+
+
+def lora_linear_group_op(
+    x: torch.Tensor,
+    weight0: torch.Tensor | QuantizedWeight, lora_a0: torch.Tensor, lora_b0: torch.Tensor, scaling0: float,
+    bias0: torch.Tensor | None,
+    weight1: torch.Tensor | QuantizedWeight, lora_a1: torch.Tensor, lora_b1: torch.Tensor, scaling1: float,
+    bias1: torch.Tensor | None,
+    weight2: torch.Tensor | QuantizedWeight | None = None, lora_a2: torch.Tensor | None = None,
+    lora_b2: torch.Tensor | None = None, scaling2: float | None = None, bias2: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """The ``lora_linear_group`` op (flat slots: 2 or 3 projections of ``x``) through :func:`lora_linear_group`.
+
+    Returns one (..., N_i) tensor per filled slot."""
+    slots = _filled((x, weight0, lora_a0, lora_b0, scaling0, bias0, weight1, lora_a1, lora_b1, scaling1, bias1,
+                     weight2, lora_a2, lora_b2, scaling2, bias2))
+    weights, a_s, b_s, scalings, biases = (list(c) for c in zip(*slots, strict=True))
+    return tuple(lora_linear_group(x, weights, a_s, b_s, scalings, biases, config=config))
+
+
+def accepts_group(x: object, *slots: object) -> bool:
+    """:func:`accepts` holds for every filled projection slot."""
+    return all(accepts(x, *p) for p in _filled((x, *slots)))
+
+
 AOT_RANKS = (16,)
 
 
@@ -459,5 +502,11 @@ KERNELS = [
         op="lora_linear", name="lora_linear", fn=lora_linear, configs=CONFIGS, accepts=accepts, aot=aot,
         description="fused LoRA linear: one autograd node, NF4 dequantised into a temporary by Triton, "
                     "LoRA term accumulated into the base GEMM output (or its Triton epilogue)",
-    )
+    ),
+    PortableKernel(
+        op="lora_linear_group", name="lora_linear_group", fn=lora_linear_group_op, configs=CONFIGS,
+        accepts=accepts_group, aot=aot,
+        description="fused LoRA projections of one input (q/k/v, gate/up): one x @ cat(A).T, one dX LoRA "
+                    "term and one dA GEMM for the group; base GEMMs as in lora_linear",
+    ),
 ]

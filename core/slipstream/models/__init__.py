@@ -21,6 +21,9 @@ rotary embedding    ``rope``                                  scoped, reversible
                                                               module's ``apply_rotary_pos_emb`` (``rope``)
 peft LoRA Linear /  ``lora_linear``                           instance-level ``forward`` on peft's layer
 Linear4bit                                                    types (``lora``)
+q/k/v, gate/up      ``lora_linear_group``                     the LoRA layers' forward (q/k/v: lazily, armed
+LoRA siblings                                                 by forward hooks on the attention module) and
+                                                              the gated-MLP forward (``lora_groups``)
 causal-LM loss      ``linear_cross_entropy``                  instance-level ``forward`` on the model;
                                                               ``logits=None`` in that path (``loss``)
 ==================  ========================================  =============================================

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 #: The ops a mapping can use, in the order reports list them.
-OPS = ("rms_norm", "attention", "rope", "swiglu", "geglu", "lora_linear", "linear_cross_entropy")
+OPS = ("rms_norm", "attention", "rope", "swiglu", "geglu", "lora_linear", "lora_linear_group",
+       "linear_cross_entropy")
 
 STATE_ATTR = "_slipstream_state"
 
@@ -54,6 +55,10 @@ class Adapter:
         loss: the family's logits are ``lm_head(last_hidden_state)`` (then ``final_softcap``), so
             the causal-LM loss may use ``ops.linear_cross_entropy`` without a logits probe.
         final_softcap: config attribute holding the final logit soft-cap (Gemma 2/3).
+        mlp_output_to_residual: the decoder layer adds the MLP's output straight into the residual
+            stream (no norm after it, as Gemma 2/3 have). Then, when a checkpointed layer is
+            recomputed in backward, the MLP's down projection output is never read and its base
+            GEMM is skipped (:mod:`slipstream.ops.hints`). Unknown architectures: ``False``.
         notes: what is special about the family, for the report.
     """
 
@@ -64,6 +69,7 @@ class Adapter:
     rope: bool = True
     loss: bool = True
     final_softcap: str | None = None
+    mlp_output_to_residual: bool = False
     notes: str = ""
 
 
@@ -129,7 +135,10 @@ class AccelerationReport:
 
     ``accelerated`` lists every module and the op it now uses; ``skipped`` every candidate that
     kept its original forward, with the reason; ``notes`` model-level facts (runtime fallbacks,
-    the loss path returning ``logits=None``). ``str(report)`` is a readable summary.
+    the loss path returning ``logits=None``). ``groups`` lists the parent modules whose LoRA
+    projections run as one ``lora_linear_group`` call (detail: ``"q_proj+k_proj+v_proj grouped"``);
+    those projections stay in ``accelerated`` as ``lora_linear`` layers. ``str(report)`` is a
+    readable summary.
     """
 
     model: str
@@ -137,6 +146,7 @@ class AccelerationReport:
     accelerated: tuple[Mapping, ...]
     skipped: tuple[Skipped, ...] = ()
     notes: tuple[str, ...] = ()
+    groups: tuple[Mapping, ...] = ()
 
     def counts(self) -> dict[str, int]:
         """``{op: number of modules using it}`` in :data:`OPS` order."""
@@ -154,6 +164,9 @@ class AccelerationReport:
         counts = self.counts()
         done = ", ".join(f"{n} {op}" for op, n in counts.items()) or "nothing"
         lines = [f"slipstream: {self.model} (adapter: {self.adapter})", f"  accelerated: {done}"]
+        if self.groups:
+            kinds = Counter(g.detail for g in self.groups)
+            lines.append("  lora_linear_group: " + ", ".join(f"{n} x {d}" for d, n in kinds.items()))
         if self.skipped:
             groups: dict[tuple[str, str], list[str]] = {}
             for s in self.skipped:
@@ -179,6 +192,7 @@ class Build:
         self.accelerated: list[Mapping] = []
         self.skipped: list[Skipped] = []
         self.notes: list[str] = []
+        self.groups: list[Mapping] = []
         self.previous_attn: str | None = None  # set when the attention implementation was switched
         self.patches: list = []  # rotary swaps (rope._Patch) this model holds a reference on
 
@@ -192,6 +206,10 @@ class Build:
     def skip(self, module: nn.Module | str, op: str, reason: str) -> None:
         name = module if isinstance(module, str) else self.name(module)
         self.skipped.append(Skipped(name, op, reason))
+
+    def group(self, module: nn.Module, detail: str) -> None:
+        """Record that ``module``'s LoRA projections run as one ``lora_linear_group`` call."""
+        self.groups.append(Mapping(self.name(module), "lora_linear_group", detail))
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -217,6 +235,7 @@ class Build:
             tuple(self.accelerated),
             tuple(self.skipped),
             tuple(self.notes),
+            tuple(self.groups),
         )
 
 
@@ -256,8 +275,10 @@ def release_all(patches: list) -> None:
 
 def undo(model: nn.Module, state: State) -> None:
     """Remove every slipstream instance forward under ``model``, restore attention, release rotary swaps."""
+    from slipstream.models import lora_groups
     from slipstream.models.attention import set_implementation
 
+    lora_groups.undo(model)
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "__func__", None) in _FORWARDS:
             del m.__dict__["forward"]
@@ -339,6 +360,7 @@ def accelerate(
     norm: bool = True,
     rope: bool = True,
     mlp: bool = True,
+    lora_groups: bool | None = None,
 ) -> AccelerationReport:
     """Route ``model``'s hot modules through slipstream's ops; returns what was mapped and what wasn't.
 
@@ -352,9 +374,13 @@ def accelerate(
             from the final hidden states; the output's ``logits`` is then ``None``.
         lora: route peft LoRA ``Linear`` / ``Linear4bit`` layers through ``ops.lora_linear``.
         norm, rope, mlp: RMSNorm modules, rotary embedding, and gated-MLP activations.
+        lora_groups: run accelerated LoRA projections that share their input (q/k/v, gate/up) as one
+            ``ops.lora_linear_group`` call (:mod:`slipstream.models.lora_groups`); ``None``: the
+            ``SLIPSTREAM_LORA_GROUPS`` environment variable (default on).
     """
     from slipstream.models import attention as attention_pass
     from slipstream.models import lora as lora_pass
+    from slipstream.models import lora_groups as groups_pass
     from slipstream.models import loss as loss_pass
     from slipstream.models import mlp as mlp_pass
     from slipstream.models import norms as norm_pass
@@ -371,6 +397,7 @@ def accelerate(
         (rope, rope_pass.apply),
         (attention, attention_pass.apply),
         (lora, lora_pass.apply),
+        (lora, lambda b: groups_pass.apply(b, groups_pass.enabled(lora_groups))),
         (loss, loss_pass.apply),
     ]
     try:

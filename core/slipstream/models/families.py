@@ -26,17 +26,21 @@ from __future__ import annotations
 
 from slipstream.models.base import Adapter, register_adapter
 
-LLAMA = register_adapter(Adapter("llama", ("llama",), notes="RMSNorm, rotate-half RoPE, SwiGLU, GQA"))
+LLAMA = register_adapter(Adapter("llama", ("llama",), mlp_output_to_residual=True,
+                                 notes="RMSNorm, rotate-half RoPE, SwiGLU, GQA"))
 MISTRAL = register_adapter(
-    Adapter("mistral", ("mistral",), notes="sliding window from config.sliding_window")
+    Adapter("mistral", ("mistral",), mlp_output_to_residual=True, notes="sliding window from config.sliding_window")
 )
-QWEN2 = register_adapter(Adapter("qwen2", ("qwen2",), notes="q/k/v biases, optional sliding-window layers"))
-QWEN3 = register_adapter(Adapter("qwen3", ("qwen3",), notes="q_norm/k_norm RMSNorms on the head dim"))
+QWEN2 = register_adapter(Adapter("qwen2", ("qwen2",), mlp_output_to_residual=True,
+                                 notes="q/k/v biases, optional sliding-window layers"))
+QWEN3 = register_adapter(Adapter("qwen3", ("qwen3",), mlp_output_to_residual=True,
+                                 notes="q_norm/k_norm RMSNorms on the head dim"))
 GEMMA = register_adapter(
     Adapter(
         "gemma",
         ("gemma",),
         norm_offset=1.0,
+        mlp_output_to_residual=True,
         notes="(1 + w) RMSNorm, GeGLU tanh; embedding scaling left as is",
     )
 )
@@ -58,6 +62,7 @@ GEMMA3 = register_adapter(
         notes="q_norm/k_norm, sliding/full layer pattern, optional softcaps",
     )
 )
-PHI3 = register_adapter(Adapter("phi3", ("phi3",), notes="fused qkv_proj and gate_up_proj, partial rotary"))
+PHI3 = register_adapter(Adapter("phi3", ("phi3",), mlp_output_to_residual=True,  # through a dropout: no values
+                                notes="fused qkv_proj and gate_up_proj, partial rotary"))
 
 FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, GEMMA, GEMMA2, GEMMA3, PHI3)

@@ -11,11 +11,15 @@ kept and the report says why. Things that can change later are checked on every 
 attribute reads): if the layer has since been merged, adapters were disabled
 (``with model.disable_adapter():``), the active adapter set changed or extra arguments
 (``adapter_names=`` mixed batches) are passed, that call runs peft's own forward.
+
+Layers that read one input (q/k/v, gate/up) are grouped into one ``ops.lora_linear_group`` call
+by :mod:`slipstream.models.lora_groups`; ``LoraState.group`` links a layer to its group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,12 +28,16 @@ from slipstream import ops
 from slipstream.models.base import Build, instance_forward_reason
 from slipstream.quant import QuantizedWeight
 
+if TYPE_CHECKING:
+    from slipstream.models.lora_groups import LoraGroup
+
 
 @dataclass
 class LoraState:
     quantized: bool
     transposed: bool = False  # transformers' Conv1D (GPT-2): weight stored (in, out)
     cache: tuple | None = None  # (param, data_ptr, QuantizedWeight)
+    group: LoraGroup | None = None  # siblings sharing its input (slipstream.models.lora_groups)
 
 
 def lora_types() -> tuple[type | None, type | None, type | None]:
@@ -104,6 +112,11 @@ def base_weight(layer: nn.Module, base: nn.Module) -> torch.Tensor | QuantizedWe
 
 def lora_forward(self: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     if not args and not kwargs:
+        group = self._slipstream.group
+        if group is not None and group.lazy:  # q/k/v: served by one group call when the siblings allow
+            out = group.forward(self, x)
+            if out is not None:
+                return out
         name, _ = adapter_reason(self)
         if name is not None:
             base = self.get_base_layer()

@@ -9,8 +9,10 @@ Two structural shapes are recognised:
 The activation module decides the op: SiLU -> ``swiglu``; tanh-approximated GELU (Gemma's
 ``gelu_pytorch_tanh``, ``gelu_new``, ``gelu_fast``) -> ``geglu(approximate="tanh")``; exact GELU ->
 ``geglu(approximate="none")``. The projections are called as modules, so peft LoRA layers
-inside the MLP keep working (and are accelerated by the LoRA pass). Each mapping is probed
-against the module's own forward before it is installed.
+inside the MLP keep working (and are accelerated by the LoRA pass); when gate_proj and up_proj are
+both accelerated LoRA layers, one ``ops.lora_linear_group`` call computes them
+(:mod:`slipstream.models.lora_groups`). Each mapping is probed against the module's own forward
+before it is installed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from slipstream import ops
+from slipstream.models import lora_groups
 from slipstream.models.base import (
     Build,
     close,
@@ -30,6 +33,7 @@ from slipstream.models.base import (
     module_device,
     probe_input,
 )
+from slipstream.ops.hints import output_values_unused
 from slipstream.train import recompute
 
 ACT_ATTRS = ("act_fn", "activation_fn", "act")
@@ -41,6 +45,9 @@ class MlpConfig:
     approximate: str  # geglu only
     act_attr: str
     fused: bool
+    # the decoder layer adds the output straight into the residual (Adapter.mlp_output_to_residual):
+    # a checkpoint recompute never reads it, so the down projection may skip its output GEMM
+    output_to_residual: bool = False
 
 
 def classify_activation(act: object) -> tuple[str, str] | None:
@@ -136,11 +143,16 @@ def gated_mlp_forward_with(
     if cfg.fused:
         gate, up = module.gate_up_proj(x).chunk(2, dim=-1)
     else:
-        gate, up = module.gate_proj(x), module.up_proj(x)
+        # Both projections accelerated peft LoRA layers: one lora_linear_group call reads x once.
+        pair = None if reference else lora_groups.run_pair(module, x)
+        gate, up = pair if pair is not None else (module.gate_proj(x), module.up_proj(x))
     act = gate_op(cfg, gate, up, reference)
     # Under lean activations, act(gate) * up is recomputed from gate and up (which the gated op saves
     # anyway) when the down projection's backward needs it, instead of being kept.
     act = recompute.tag(act, gate_op, cfg, gate, up, reference, label=cfg.op)
+    if cfg.output_to_residual and not reference and recompute.recomputing():
+        with output_values_unused():
+            return module.down_proj(act)
     return module.down_proj(act)
 
 
@@ -167,7 +179,7 @@ def apply(build: Build) -> None:
         if reason:
             build.skip(module, op, reason)
             continue
-        cfg = MlpConfig(op, approximate, act_attr, fused)
+        cfg = MlpConfig(op, approximate, act_attr, fused, build.adapter.mlp_output_to_residual)
         reason = probe(module, cfg)
         if reason:
             build.skip(module, op, reason)

@@ -19,6 +19,9 @@ from slipstream.ops import (
     lora_linear as _lora_linear,
 )
 from slipstream.ops import (
+    lora_linear_group as _lora_linear_group,
+)
+from slipstream.ops import (
     rms_norm as _rms_norm,
 )
 from slipstream.ops import (
@@ -31,7 +34,8 @@ from slipstream.ops._spec import OpSpec, Sample, Tolerance
 
 SPECS: dict[str, OpSpec] = {
     m.SPEC.name: m.SPEC
-    for m in (_rms_norm, _rope, _swiglu, _geglu, _cross_entropy, _linear_cross_entropy, _lora_linear, _attention)
+    for m in (_rms_norm, _rope, _swiglu, _geglu, _cross_entropy, _linear_cross_entropy, _lora_linear,
+              _lora_linear_group, _attention)
 }
 
 rms_norm = _rms_norm.rms_norm
@@ -41,6 +45,7 @@ geglu = _geglu.geglu
 cross_entropy = _cross_entropy.cross_entropy
 linear_cross_entropy = _linear_cross_entropy.linear_cross_entropy
 lora_linear = _lora_linear.lora_linear
+lora_linear_group = _lora_linear_group.lora_linear_group
 attention = _attention.attention
 
 
@@ -53,4 +58,4 @@ def spec(name: str) -> OpSpec:
 
 
 __all__ = ["SPECS", "OpSpec", "Sample", "Tolerance", "attention", "cross_entropy", "geglu",
-           "linear_cross_entropy", "lora_linear", "rms_norm", "rope", "spec", "swiglu"]
+           "linear_cross_entropy", "lora_linear", "lora_linear_group", "rms_norm", "rope", "spec", "swiglu"]

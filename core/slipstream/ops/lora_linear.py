@@ -54,38 +54,50 @@ def reference(
     return (base + update).to(x.dtype)
 
 
+def check_projection(op: str, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, lora_a: torch.Tensor,
+                     lora_b: torch.Tensor, bias: torch.Tensor | None, suffix: str = "") -> tuple:
+    """Validate one projection of ``x`` (``x`` itself already checked); returns its key part.
+
+    ``suffix`` names the arguments of a projection slot in a grouped op (``weight1``, ``lora_a1``...).
+    The key part: ``(device, weight kind, adapter dtype, N, r, requires_grad of W, A, B, bias, has bias)``.
+    """
+    w_name, a_name, b_name, bias_name = (f"{n}{suffix}" for n in ("weight", "lora_a", "lora_b", "bias"))
+    quantized = isinstance(weight, QuantizedWeight)
+    if not quantized:
+        require_tensor(w_name, weight, op=op)
+        if weight.dim() != 2:
+            raise ValueError(f"{op}: `{w_name}` must be (N, K), got {tuple(weight.shape)}")
+    n, k = weight.shape
+    for name, t in ((a_name, lora_a), (b_name, lora_b)):
+        require_tensor(name, t, op=op)
+        require_dtype(op, name, t, FLOAT_DTYPES)
+    if x.shape[-1] != k:
+        raise ValueError(f"{op}: `x` has {x.shape[-1]} features but `{w_name}` is ({n}, {k}): K must match")
+    r = lora_a.shape[0]
+    if lora_a.dim() != 2 or lora_a.shape[1] != k or lora_b.dim() != 2 or lora_b.shape != (n, r):
+        raise ValueError(f"{op}: need `{a_name}` (r, {k}) and `{b_name}` ({n}, r); got {tuple(lora_a.shape)} and "
+                         f"{tuple(lora_b.shape)}")
+    if lora_a.dtype != lora_b.dtype:
+        raise TypeError(f"{op}: `{a_name}` ({lora_a.dtype}) and `{b_name}` ({lora_b.dtype}) must share a dtype")
+    if bias is not None:
+        require_tensor(bias_name, bias, op=op)
+        if bias.shape != (n,):
+            raise ValueError(f"{op}: `{bias_name}` must be ({n},), got {tuple(bias.shape)}")
+    device = require_same_device(op, x=x, **{w_name: weight.packed if quantized else weight, a_name: lora_a,
+                                             b_name: lora_b, bias_name: bias})
+    wkind = f"q:{weight.quant_type}:{weight.blocksize}:{weight.double_quant}" if quantized else weight.dtype
+    return (device, wkind, lora_a.dtype, n, r, (not quantized) and weight.requires_grad, lora_a.requires_grad,
+            lora_b.requires_grad, bias is not None and bias.requires_grad, bias is not None)
+
+
 def check(args: tuple) -> tuple:
     x, weight, lora_a, lora_b, scaling, bias = args
     require_tensor("x", x, op=OP)
     require_dtype(OP, "x", x, FLOAT_DTYPES)
-    quantized = isinstance(weight, QuantizedWeight)
-    if not quantized:
-        require_tensor("weight", weight, op=OP)
-        if weight.dim() != 2:
-            raise ValueError(f"{OP}: `weight` must be (N, K), got {tuple(weight.shape)}")
-    n, k = weight.shape
-    for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-        require_tensor(name, t, op=OP)
-        require_dtype(OP, name, t, FLOAT_DTYPES)
-    if x.shape[-1] != k:
-        raise ValueError(f"{OP}: `x` has {x.shape[-1]} features but `weight` is ({n}, {k}): K must match")
-    r = lora_a.shape[0]
-    if lora_a.dim() != 2 or lora_a.shape[1] != k or lora_b.dim() != 2 or lora_b.shape != (n, r):
-        raise ValueError(f"{OP}: need `lora_a` (r, {k}) and `lora_b` ({n}, r); got {tuple(lora_a.shape)} and "
-                         f"{tuple(lora_b.shape)}")
-    if lora_a.dtype != lora_b.dtype:
-        raise TypeError(f"{OP}: `lora_a` ({lora_a.dtype}) and `lora_b` ({lora_b.dtype}) must share a dtype")
-    if bias is not None:
-        require_tensor("bias", bias, op=OP)
-        if bias.shape != (n,):
-            raise ValueError(f"{OP}: `bias` must be ({n},), got {tuple(bias.shape)}")
-    device = require_same_device(OP, x=x, weight=weight.packed if quantized else weight, lora_a=lora_a,
-                                 lora_b=lora_b, bias=bias)
+    device, wkind, adtype, n, r, *flags = check_projection(OP, x, weight, lora_a, lora_b, bias)
+    k = x.shape[-1]
     rows = x.numel() // max(1, k)
-    wkind = f"q:{weight.quant_type}:{weight.blocksize}:{weight.double_quant}" if quantized else weight.dtype
-    return (OP, device, x.dtype, wkind, lora_a.dtype, n, k, r, bucket(rows), x.requires_grad,
-            (not quantized) and weight.requires_grad, lora_a.requires_grad, lora_b.requires_grad,
-            bias is not None and bias.requires_grad, bias is not None)
+    return (OP, device, x.dtype, wkind, adtype, n, k, r, bucket(rows), x.requires_grad, *flags)
 
 
 def fresh_quantized(weight: QuantizedWeight) -> QuantizedWeight:

@@ -23,11 +23,12 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
-from slipstream.train.recompute import lean_activations, lean_forward
+from slipstream.train.recompute import lean_activations, lean_forward, recomputing_layer
 
 POLICY_NAMES = {False: "none", None: "none", True: "checkpoint", "none": "none", "lean": "lean",
                 "checkpoint": "checkpoint", "offload": "offload"}
@@ -118,7 +119,13 @@ def plain_checkpoint(function: Callable, *args: object, **kwargs: object) -> obj
     Recomputing the whole layer costs little more and is robust to that.
     """
     with set_checkpoint_early_stop(False):
-        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+        return checkpoint(function, *args, use_reentrant=False, context_fn=_recompute_contexts, **kwargs)
+
+
+def _recompute_contexts() -> tuple[object, object]:
+    """torch checkpoint's ``context_fn``: nothing around the forward, :func:`recomputing_layer` around
+    the recompute."""
+    return nullcontext(), recomputing_layer()
 
 
 # ----------------------------------------------------------------------------- offloading
@@ -199,7 +206,7 @@ class _OffloadedLayer(torch.autograd.Function):
             if ctx.dev_rng is not None:
                 torch.get_device_module(ctx.device).set_rng_state(ctx.dev_rng, ctx.device)
             # the recomputed layer's activations live until its backward below is done: keep them leanly
-            with torch.enable_grad(), _autocast(ctx.autocast), lean_activations():
+            with torch.enable_grad(), _autocast(ctx.autocast), lean_activations(), recomputing_layer():
                 out = ctx.run(x, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads, strict=False)

@@ -21,6 +21,7 @@ since the forward raises instead of recomputing a different value.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -161,4 +162,26 @@ def lean_forward(function: Callable, *args: object, **kwargs: object) -> object:
         return function(*args, **kwargs)
 
 
-__all__ = ["LeanStats", "Recipe", "active", "lean_activations", "lean_forward", "stats", "tag"]
+# ----------------------------------------------------------------------------- checkpoint recompute
+_recomputing = contextvars.ContextVar("slipstream_recomputing_layer", default=False)
+
+
+@contextmanager
+def recomputing_layer() -> Iterator[None]:
+    """Marks a checkpointed layer's forward being rerun in backward: its output values are discarded
+    (only gradients flow through them), which lets a layer skip its last projection's output GEMM
+    where that output feeds nothing but the residual sum (see :func:`recomputing`)."""
+    token = _recomputing.set(True)
+    try:
+        yield
+    finally:
+        _recomputing.reset(token)
+
+
+def recomputing() -> bool:
+    """Whether the current forward is a checkpoint recompute (:func:`recomputing_layer`)."""
+    return _recomputing.get()
+
+
+__all__ = ["LeanStats", "Recipe", "active", "lean_activations", "lean_forward", "recomputing", "recomputing_layer",
+           "stats", "tag"]

@@ -1,0 +1,63 @@
+"""``ops.hints.output_values_unused`` in the fused LoRA kernel: the forward skips the base GEMM and the
+LoRA epilogue, the backward is unchanged (every gradient bit-identical to the normal call)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slipstream.kernels import lora as lora_kernels
+from slipstream.kernels.lora import CONFIGS, lora_linear
+from slipstream.ops.hints import output_values_are_unused, output_values_unused
+from slipstream.quant import QuantizedWeight, quantize_nf4
+
+
+def _args(rows: int, k: int, n: int, r: int, nf4: bool, gen: torch.Generator) -> tuple:
+    x = torch.randn(rows, k, generator=gen).requires_grad_()
+    w = torch.randn(n, k, generator=gen) * k ** -0.5
+    weight = QuantizedWeight(**{**quantize_nf4(w).__dict__, "dtype": torch.float32}) if nf4 else w
+    a = (torch.randn(r, k, generator=gen) * 0.1).requires_grad_()
+    b = (torch.randn(n, r, generator=gen) * 0.1).requires_grad_()
+    return x, weight, a, b
+
+
+def _grads(x, weight, a, b, dy, config, *, unused: bool):
+    with output_values_unused(unused):
+        out = lora_linear(x, weight, a, b, 1.5, config=config)
+    return out, torch.autograd.grad(out, (x, a, b), dy)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], next(c for c in CONFIGS if c["base"] == "triton")],
+                         ids=["cublas", "triton"])
+@pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
+def test_unused_output_skips_the_forward_gemm_and_keeps_gradients(monkeypatch, config, nf4):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    x, weight, a, b = _args(37, 64, 48, 8, nf4, gen)
+    dy = torch.randn(37, 48, generator=gen)
+    out, expected = _grads(x, weight, a, b, dy, config, unused=False)
+
+    def no_forward_gemm(*args, **kwargs):
+        raise AssertionError("the base GEMM ran although the output values are unused")
+
+    monkeypatch.setattr(lora_kernels, "_base_plus_lora", no_forward_gemm)
+    skipped, got = _grads(x, weight, a, b, dy, config, unused=True)
+    assert skipped.shape == out.shape and skipped.dtype == out.dtype
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+def test_hint_is_scoped_and_per_thread():
+    import threading
+
+    assert not output_values_are_unused()
+    seen = []
+    with output_values_unused():
+        assert output_values_are_unused()
+        worker = threading.Thread(target=lambda: seen.append(output_values_are_unused()))
+        worker.start()
+        worker.join()
+        with output_values_unused(False):
+            assert not output_values_are_unused()
+        assert output_values_are_unused()
+    assert not output_values_are_unused()
+    assert seen == [False]  # the dispatcher's tuning thread never sees the hint
