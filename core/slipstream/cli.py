@@ -155,7 +155,7 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     device = _device(args.device)
     dtypes = tuple(_dtype(d, device) for d in args.dtype) if args.dtype else None
     try:
-        checks = conformance.run(args.plugin, device, args.size, dtypes,
+        checks = conformance.run(args.plugin, device, args.size, dtypes, ops=tuple(args.op or ()),
                                  progress=(lambda c: print(("." if c.ok else "F"), end="", flush=True)))
     except LookupError as exc:
         print(f"slipstream conformance: {exc}", file=sys.stderr)
@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--dtype", action="append", help="limit to dtypes (repeatable)")
     p.add_argument("--size", default="small", choices=("small", "real"))
+    p.add_argument("--op", action="append", help="limit to these ops (repeatable)")
 
     p = sub.add_parser("bench", help="measure the dispatcher's per-call overhead")
     p.add_argument("--rows", type=int, default=4)

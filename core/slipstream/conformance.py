@@ -69,8 +69,10 @@ def check_implementation(impl: Implementation, info: DeviceInfo, size: str = "sm
 
 
 def run(plugin: str, device: torch.device | str | None = None, size: str = "small",
-        dtypes: tuple[torch.dtype, ...] | None = None, progress: Callable[[Check], None] | None = None) -> list[Check]:
-    """All checks for ``plugin`` on ``device`` (default: the first accelerator, else the CPU)."""
+        dtypes: tuple[torch.dtype, ...] | None = None, progress: Callable[[Check], None] | None = None,
+        ops: tuple[str, ...] | None = None) -> list[Check]:
+    """All checks for ``plugin`` on ``device`` (default: the first accelerator, else the CPU);
+    ``ops`` limits them to those ops' implementations."""
     from slipstream.device import default_device
 
     record = find_plugin(plugin)
@@ -80,7 +82,7 @@ def run(plugin: str, device: torch.device | str | None = None, size: str = "smal
     out = []
     for name in record.implementations:
         impl = system().registry.find(name)
-        if impl is None:
+        if impl is None or (ops and impl.op not in ops):
             continue
         for check in check_implementation(impl, info, size, dtypes):
             out.append(check)

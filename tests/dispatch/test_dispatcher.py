@@ -285,10 +285,13 @@ def test_graph_timing_ranks_by_gpu_time_and_falls_back_to_events_for_all(acme, m
         assert event_calls == []
 
 
-def test_timing_method_is_events_unless_asked_and_on_cuda(monkeypatch):
+def test_timing_method_is_graph_on_cuda_unless_asked_for_events(monkeypatch):
     from slipstream.dispatch.dispatcher import timing_method
 
     monkeypatch.delenv("SLIPSTREAM_TIMING", raising=False)
+    assert timing_method(torch.device("cuda", 0)) == "graph"
+    assert timing_method(torch.device("cpu")) == "events"
+    monkeypatch.setenv("SLIPSTREAM_TIMING", "events")
     assert timing_method(torch.device("cuda", 0)) == "events"
     monkeypatch.setenv("SLIPSTREAM_TIMING", "graph")
     assert timing_method(torch.device("cuda", 0)) == "graph"
@@ -296,3 +299,52 @@ def test_timing_method_is_events_unless_asked_and_on_cuda(monkeypatch):
     monkeypatch.setenv("SLIPSTREAM_TIMING", "profiler")
     with pytest.raises(ValueError, match="must be 'events' or 'graph'"):
         timing_method(torch.device("cuda", 0))
+
+
+def test_decision_first_needed_inside_a_backward_is_made_on_that_thread_in_a_clean_context(acme, monkeypatch):
+    """An offloaded layer's recompute meets its ops with grad for the first time inside backward. A
+    fresh tuning thread would deadlock there on CUDA (its verification backward queues on the autograd
+    device thread, which waits for it), so the decision runs inline: hints set by the caller, grad
+    mode and saved-tensor hooks must not leak into verification (a hinted output would be garbage)."""
+    import importlib
+
+    from slipstream.ops.hints import output_values_are_unused, output_values_unused
+
+    dmod = importlib.import_module("slipstream.dispatch.dispatcher")
+    threads: list[str] = []
+    real_thread = dmod._in_clean_thread
+    monkeypatch.setattr(dmod, "_in_clean_thread", lambda fn, *a: threads.append("thread") or real_thread(fn, *a))
+    seen_hint: list[bool] = []
+    packed: list[int] = []
+
+    class CallsTheOpInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, k, v = attention_args(48)
+            with output_values_unused(), torch.no_grad():
+                seen_hint.append(output_values_are_unused())
+                hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(1) or t, lambda t: t)
+                with hooks, torch.enable_grad():
+                    out = ops.attention(q, k, v)
+            return grad + out.sum() * 0
+
+    x = torch.randn(3, requires_grad=True)
+    CallsTheOpInBackward.apply(x).sum().backward()
+    d = decision_for("attention")
+    status = {c.label: c for c in d.candidates}
+    assert threads == [] and seen_hint == [True]
+    assert d.mode == "tuned"
+    # verification ran for real: the wrong candidates are caught, the correct ones pass
+    assert status["acme.fastest_wrong"].status == "rejected"
+    assert status["acme.bad_grads"].status == "rejected" and "grad_v" in status["acme.bad_grads"].reason
+    assert status["acme.slow_correct"].status in ("accepted", "chosen")
+    assert status["acme.fast_correct"].status in ("accepted", "chosen")
+    # only the chosen implementation's own call saved through the caller's hooks (q, k, v, out and
+    # its statistics), not the tuner's passes (about 2,000 tensors without the identity hooks)
+    assert len(packed) <= 6
+    ops.attention(*attention_args(200))  # another key, outside backward: the fresh-thread path as before
+    assert threads == ["thread"]
