@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # W8B side by side on one GPU, one system per process. Usage on the device (after carrying .whl and .peers,
 # with ../shared/peers/gpu_baseline.py copied into .peers/):
-#   bash benchmarks/train/run_all.sh bf16     # or: nf4
+#   bash benchmarks/train/run_all.sh bf16 [all|mine|peers]    # or: nf4
 # Prints one JSON line per system (prefixed RESULT for slipstream) and appends all to $OUT/w8b_<base>.jsonl.
 set -uo pipefail
 source benchmarks/gpu/setup.sh
@@ -21,9 +21,12 @@ unsloth() {
   PYTHONPATH=/tmp/site_unsloth:$PYTHONPATH timeout 420 python3 .peers/unsloth_bench.py --steps 5 --warm 3 "$@" \
     2>"${OUT:-/tmp}/unsloth_${BASE}.err" | grep '^{' | tee -a "$LOG"
 }
+WHICH=${2:-all}  # all | mine | peers (transformers + peft, Liger, Unsloth): split across device calls
 if [ "$BASE" = bf16 ]; then
   # auto capped at what transformers + peft peaks at (the "same memory" comparison)
-  mine true; mine offload; mine lean; mine auto; mine auto 23.4; peer hf; peer liger; unsloth
+  [ "$WHICH" = peers ] || { mine true; mine offload; mine lean; mine auto; mine auto 23.4; }
+  [ "$WHICH" = mine ] || { peer hf; peer liger; unsloth; }
 else
-  mine true; mine offload; peer hf4; peer liger4; unsloth --load-in-4bit
+  [ "$WHICH" = peers ] || { mine true; mine offload; }
+  [ "$WHICH" = mine ] || { peer hf4; peer liger4; unsloth --load-in-4bit; }
 fi

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import resource
+import sys
 import time
 
 import torch
@@ -65,16 +67,23 @@ def build(shape: str, base: str, checkpointing: object, device: str):
     return model, cfg
 
 
+def log(message: str, _start: list = [time.perf_counter()]) -> None:  # noqa: B006 - the process start, once
+    """Progress on stderr with seconds since start: a run killed by a timeout still shows where it was."""
+    print(f"[w8b {time.perf_counter() - _start[0]:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
 def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps: int, warm: int,
-        device: str, max_memory_gib: float | None = None, prewarm_seq: int = 0) -> dict:
+        device: str, max_memory_gib: float | None = None, prewarm_seq: int = 0, long_seq: int = 0) -> None:
+    """Build, train and print one RESULT line (then one for ``long_seq``, if given)."""
     model, cfg = build(shape, base, checkpointing, device)
+    log(f"built {shape} {base} base, checkpointing={checkpointing}")
     plan = None
     if checkpointing == "auto":  # plan for this batch, as the Trainer does (get_peft_model assumed batch 1)
         from slipstream.train.memory import plan_for_model
 
         plan = plan_for_model(model, batch=bsz, seq=seq, max_memory_gib=max_memory_gib)
         plan.apply(model, verbose=False)
-        print(plan.describe(), flush=True)
+        log(plan.describe())
     model.train()
     gc.collect()
     cuda = device.startswith("cuda")
@@ -87,7 +96,8 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
         ids = torch.randint(0, cfg.vocab_size, (bsz, prewarm_seq), device=device, generator=gen)
         model(input_ids=ids, labels=ids).loss.backward()
         opt.zero_grad(set_to_none=True)
-    times, losses = [], []
+        log(f"prewarm step at {prewarm_seq} tokens done")
+    times, hosts, losses = [], [], []
     tune_s = 0.0
     for i in range(warm + steps):
         ids = torch.randint(0, cfg.vocab_size, (bsz, seq), device=device, generator=gen)
@@ -98,31 +108,113 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        host = time.perf_counter() - t  # the host's time to enqueue the step: ~= the step when host-bound
         if cuda:
             torch.cuda.synchronize()
         if i >= warm:
             times.append(time.perf_counter() - t)
+            hosts.append(host)
         elif i == 0:
             tune_s = time.perf_counter() - t
         losses.append(out.loss.item())
+        log(f"step {i} ({'warm-up' if i < warm else 'timed'}): {time.perf_counter() - t:.3f} s "
+            f"(host {host:.3f} s), loss {losses[-1]:.3f}, "
+            f"peak {torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.2f} GiB")
         if i == warm - 1 and cuda:
             torch.cuda.reset_peak_memory_stats()  # the tuner's scratch inputs are not training memory
+            alloc_before = _allocator_counts()
+    syncs = _synchronising_calls(model, opt, cfg, bsz, seq, device, gen) if cuda and warm else None  # not long runs
     times.sort()
     med = times[len(times) // 2]
-    from slipstream import explain
-
-    chosen = {}
-    for d in explain():
-        chosen.setdefault(d.op, set()).add(d.chosen)
-    return dict(system="slipstream", shape=shape, base=base, checkpointing=str(checkpointing), bsz=bsz, seq=seq,
+    hosts.sort()
+    allocator = None
+    if cuda and warm:  # device mallocs/frees and retries during the timed steps: each one synchronises
+        allocator = {k: v - alloc_before.get(k, 0) for k, v in _allocator_counts().items()}
+    result = dict(system="slipstream", shape=shape, base=base, checkpointing=str(checkpointing), bsz=bsz, seq=seq,
                 max_memory_gib=max_memory_gib,
                 plan=None if plan is None else f"{plan.choice}:{plan.checkpointed_layers}" + ("+lean" * plan.lean),
-                step_s=round(med, 4), tok_s=round(bsz * seq / med),
+                step_s=round(med, 4), tok_s=round(bsz * seq / med), host_s=round(hosts[len(hosts) // 2], 4),
+                allocator_during_timed_steps=allocator, synchronising_calls=syncs,
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                host_peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),  # KiB on Linux
                 first_step_s=round(tune_s, 1), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
-                chosen={k: sorted(v) for k, v in chosen.items()},
-                device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                chosen=_chosen(), device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d"))
+    emit(result)
+    if long_seq:
+        emit(long_step(model, opt, cfg, shape, base, long_seq, device, gen))
+
+
+def emit(result: dict) -> None:
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _chosen() -> dict[str, list[str]]:
+    from slipstream import explain
+
+    chosen: dict[str, set] = {}
+    for d in explain():
+        chosen.setdefault(d.op, set()).add(d.chosen)
+    return {k: sorted(v) for k, v in chosen.items()}
+
+
+def long_step(model, opt, cfg, shape: str, base: str, seq: int, device: str, gen) -> dict:
+    """One optimiser step at batch 1 x ``seq`` on the same model (no second build), planned as the
+    Trainer would (``auto``): the long-context measurement after the W8B one, in one process."""
+    from slipstream.train.memory import plan_for_model
+
+    plan = plan_for_model(model, batch=1, seq=seq)
+    plan.apply(model, verbose=False)
+    log(plan.describe())
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    ids = torch.randint(0, cfg.vocab_size, (1, seq), device=device, generator=gen)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    step = time.perf_counter() - t
+    log(f"long step at {seq} tokens: {step:.1f} s, loss {loss.item():.3f}, "
+        f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    return dict(system="slipstream", shape=shape, base=base, checkpointing="auto", bsz=1, seq=seq,
+                plan=f"{plan.choice}:{plan.checkpointed_layers}" + ("+lean" * plan.lean), step_s=round(step, 2),
+                tok_s=round(seq / step), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                host_peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
+                loss_first=round(loss.item(), 3), chosen=_chosen(), device=torch.cuda.get_device_name(),
+                torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+
+
+def _synchronising_calls(model, opt, cfg, bsz: int, seq: int, device: str, gen) -> dict:
+    """One more (untimed) step under ``torch.cuda.set_sync_debug_mode("warn")``: how many calls made
+    the host wait for the GPU, and where (a synchronisation per layer starves a GPU-bound step)."""
+    import warnings
+
+    ids = torch.randint(0, cfg.vocab_size, (bsz, seq), device=device, generator=gen)
+    sites: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            site = f"{w.filename}:{w.lineno}"
+            sites[site] = sites.get(site, 0) + 1
+    return {"count": sum(sites.values()), "sites": dict(sorted(sites.items(), key=lambda kv: -kv[1])[:8])}
+
+
+def _allocator_counts() -> dict:
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free",
+                                              "num_sync_all_streams")}
 
 
 def main() -> None:
@@ -139,18 +231,20 @@ def main() -> None:
                     help="one untimed step at this sequence length first (long-context runs with --warm 0)")
     ap.add_argument("--max-memory-gib", type=float, default=None,
                     help='with --checkpointing auto: the device memory the planner may use, weights included')
+    ap.add_argument("--long-seq", type=int, default=0,
+                    help="then one step at batch 1 x this many tokens on the same model (planned with auto)")
     a = ap.parse_args()
     policy = {"true": True, "false": False}.get(a.checkpointing.lower(), a.checkpointing)
     try:
-        result = run(a.shape, a.base, policy, a.bsz, a.seq, a.steps, a.warm, a.device, a.max_memory_gib, a.prewarm_seq)
+        run(a.shape, a.base, policy, a.bsz, a.seq, a.steps, a.warm, a.device, a.max_memory_gib, a.prewarm_seq,
+            a.long_seq)
     except Exception as exc:  # one failing configuration must not hide the others' numbers
         import traceback
 
         traceback.print_exc()
-        result = dict(system="slipstream", shape=a.shape, base=a.base, checkpointing=a.checkpointing,
-                      bsz=a.bsz, seq=a.seq, max_memory_gib=a.max_memory_gib,
-                      error=f"{type(exc).__name__}: {str(exc)[:300]}")
-    print("RESULT " + json.dumps(result), flush=True)
+        emit(dict(system="slipstream", shape=a.shape, base=a.base, checkpointing=a.checkpointing,
+                  bsz=a.bsz, seq=a.seq, max_memory_gib=a.max_memory_gib, long_seq=a.long_seq or None,
+                  error=f"{type(exc).__name__}: {str(exc)[:300]}"))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ def test_rows_settings_targets_and_runs(tmp_path):
     ]) + "\n")
     (tmp_path / "run_b.jsonl").write_text(
         json.dumps(mine(checkpointing="auto", base="nf4", bsz=1, seq=131072, error="OutOfMemoryError: x")) + "\n"
+        + json.dumps(mine(checkpointing="auto", base="nf4", bsz=1, seq=262144, plan="offload:32", step_s=181.0,
+                          tok_s=1448, peak_gib=56.2, host_peak_gib=67.1)) + "\n"
+        + json.dumps(mine(checkpointing="auto", base="nf4", bsz=1, seq=270000, plan="offload:32", step_s=170.0,
+                          tok_s=1588, peak_gib=57.0, host_peak_gib=68.0)) + "\n"
         + json.dumps({"variant": "hf", "tok_s": 5_766, "peak_gib": 23.4, "step_s": 0.7}) + "\n"
         + json.dumps({"variant": "unsloth", "gc": "unsloth", "load_in_4bit": True, "tok_s": 9_851, "peak_gib": 7.0,
                       "step_s": 0.42}) + "\n")
@@ -38,6 +42,11 @@ def test_rows_settings_targets_and_runs(tmp_path):
     assert "| yes | run_a |" in lines["checkpointing on (offloaded)"]
     assert "no (speed, memory)" in lines["checkpointing on"]
     assert "no (speed)" in lines["auto, <= 23.4 GiB [partial:17+lean]"]
-    long_row = lines["long context 1 x 131072, auto (all free memory)"]
-    assert "error: OutOfMemoryError" in long_row and long_row.endswith("| run_b |")  # no target for long context
+    long_lines = md.split("## Long context")[1].splitlines()
+    oom = next(line for line in long_lines if line.startswith("| nf4 | 131,072"))
+    assert "error: OutOfMemoryError" in oom and oom.endswith("| run_b |")
+    slow = next(line for line in long_lines if line.startswith("| nf4 | 262,144"))
+    assert "| 181.0 |" in slow and "no (step 1.006x the limit)" in slow and "| 67.1 |" in slow
+    fast = next(line for line in long_lines if line.startswith("| nf4 | 270,000"))
+    assert "| yes |" in fast
     assert "2.05x" in lines["checkpointing on (offloaded)"]  # 11,800 / 5,766 from the other file's HF row
