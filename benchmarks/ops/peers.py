@@ -86,7 +86,8 @@ def _as_dtype(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def liger(op: str, args: tuple, device: torch.device) -> Maybe:
     """Liger's implementation of ``op`` taking the op's arguments, or why there is none."""
     if op not in LIGER_OPS:
-        return {"lora_linear": "Liger-Kernel has no LoRA op", "attention": "Liger-Kernel has no attention op"}.get(
+        return {"lora_linear": "Liger-Kernel has no LoRA op", "lora_linear_group": "Liger-Kernel has no LoRA op",
+                "attention": "Liger-Kernel has no attention op"}.get(
             op, f"Liger-Kernel has no {op}")
     lf = liger_module(device)
     if isinstance(lf, str):

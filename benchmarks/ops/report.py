@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-PEER = {"lora_linear": "peft", "attention": "sdpa"}  # the peer each op is compared with (default: liger)
+PEER = {"lora_linear": "peft", "lora_linear_group": "separate", "attention": "sdpa"}  # compared with (default: liger)
 ROLE_ORDER = {"slipstream": 0, "eager": 1, "compile": 2, "peer": 3, "ceiling": 4, "candidate": 5}
 SCALE = {"GB/s": 1e6, "TFLOP/s": 1e9}  # work per ms -> unit: bytes/ms/1e6 = GB/s, FLOP/ms/1e9 = TFLOP/s
 
@@ -310,7 +310,7 @@ def markdown(results: dict) -> str:
 
 # ----------------------------------------------------------------------------- plot
 COLORS = {"slipstream": "#1f77b4", "eager": "#222222", "compile": "#ff7f0e", "liger": "#2ca02c", "peft": "#9467bd",
-          "sdpa": "#17becf", "base_gemm": "#8c564b"}
+          "sdpa": "#17becf", "base_gemm": "#8c564b", "separate": "#bcbd22"}
 
 
 def plot(results: dict, path: Path) -> bool:

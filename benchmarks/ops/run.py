@@ -78,6 +78,7 @@ GRADS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("logits",),
     "linear_cross_entropy": ("hidden",),  # frozen lm_head: the weight gets no gradient
     "lora_linear": ("x", "lora_a", "lora_b"),  # frozen base weight
+    "lora_linear_group": ("x", "lora_a0", "lora_b0", "lora_a1", "lora_b1", "lora_a2", "lora_b2"),
     "attention": ("q", "k", "v"),
 }
 
@@ -174,6 +175,15 @@ def work_lora_linear(args: tuple) -> dict:
             "formula": "fwd 2MNK + 2Mr(K+N); bwd dX 2MNK + 2MrK, dU 2MNr, dA 2MrK, dB 2MrN (W frozen)"}
 
 
+def work_lora_group(args: tuple) -> dict:
+    """The sum of the group's projections (the fused call does the same FLOPs, in fewer passes over x)."""
+    from slipstream.ops.lora_linear_group import projections
+
+    parts = [work_lora_linear((args[0], *p)) for p in projections(args)]
+    return {"metric": "TFLOP/s", "fwd": sum(p["fwd"] for p in parts), "fwd_bwd": sum(p["fwd_bwd"] for p in parts),
+            "formula": "sum over the projections of lora_linear's: " + parts[0]["formula"]}
+
+
 def work_base_gemm(args: tuple) -> dict:
     x, weight = args[0], args[1]
     n, k = weight.shape
@@ -213,6 +223,7 @@ WORK: dict[str, Callable[[tuple], dict]] = {
     "cross_entropy": work_cross_entropy,
     "linear_cross_entropy": work_linear_cross_entropy,
     "lora_linear": work_lora_linear,
+    "lora_linear_group": work_lora_group,
     "attention": work_attention,
 }
 """op -> ``work(args)``: ``{"metric": "GB/s" | "TFLOP/s", "fwd": n, "fwd_bwd": n, "formula": text}``.
@@ -297,6 +308,59 @@ def lora_cases(device: torch.device, dtype: torch.dtype, size: str, quick: bool)
     return cases
 
 
+def lora_group_cases(device: torch.device, dtype: torch.dtype, size: str, quick: bool) -> list[Case]:
+    """Llama-3.1-8B q/k/v (4096 -> 4096, 1024, 1024) and gate/up (4096 -> 14336 x 2) at 4096 tokens,
+    r=16, in ``dtype`` and NF4: what training runs as one ``lora_linear_group`` call."""
+    from slipstream.ops.lora_linear_group import flat_args
+    from slipstream.quant import quantize_nf4
+
+    d = LORA_DIMS["real" if size == "real" else "small"]
+    h, kv, inter, r, m = d["hidden"], d["kv"], d["inter"], d["r"], d["tokens"]
+    groups = [("q+k+v", (h, kv, kv)), ("gate+up", (inter, inter))]
+    if quick:
+        groups = groups[:1]
+    cases = []
+    for name, outs in groups:
+        for nf4 in (False, True):
+            g = torch.Generator(device=device).manual_seed(sum(outs) + int(nf4))
+            x = torch.randn(m, h, device=device, generator=g).to(dtype).requires_grad_()
+            ws, a_s, b_s = [], [], []
+            for n in outs:
+                w = (torch.randn(n, h, device=device, generator=g) * h ** -0.5).to(dtype)
+                ws.append(quantize_nf4(w) if nf4 else w)
+                a_s.append((torch.randn(r, h, device=device, generator=g) * h ** -0.5).to(dtype).requires_grad_())
+                b_s.append((torch.randn(n, r, device=device, generator=g) * r ** -0.5).to(dtype).requires_grad_())
+            kind = "nf4" if nf4 else str(dtype).removeprefix("torch.")
+            label = f"{name} {m}x{h}->{'+'.join(map(str, outs))} r{r} {kind}"
+            cases.append(Case("lora_linear_group", label, flat_args(x, ws, a_s, b_s, [2.0] * len(outs)), headline=True))
+    return cases
+
+
+def separate_projections(args: tuple) -> Callable:
+    """What a group call replaces: ``ops.lora_linear`` once per projection (each dispatched on its own)."""
+    from slipstream import ops
+    from slipstream.ops.lora_linear_group import projections
+
+    def separate(x, *slots):
+        return tuple(ops.lora_linear(x, *p) for p in projections((x, *slots)))
+
+    return separate
+
+
+def group_base_gemms(args: tuple) -> tuple[Callable, dict]:
+    """The group's base GEMMs alone (``x @ W_i.T`` + ``dX``; NF4 dequantised once, outside the timing)."""
+    from slipstream.ops.lora_linear_group import projections
+
+    gemms = [peers.base_gemm((args[0], *p)) for p in projections(args)]
+    work = [work_base_gemm((args[0], *p)) for p in projections(args)]
+
+    def base(x, *slots):
+        return tuple(gemm(x, *p) for gemm, p in zip(gemms, projections((x, *slots)), strict=True))
+
+    return base, {"metric": "TFLOP/s", "fwd": sum(w["fwd"] for w in work), "fwd_bwd": sum(w["fwd_bwd"] for w in work),
+                  "formula": "sum over the projections of x W^T 2MNK + dX 2MNK"}
+
+
 def hf_layout(args: tuple) -> tuple:
     """q, k as HF's attention passes them: (B, S, H, D) memory viewed as (B, H, S, D)."""
     q, k, *rest = args
@@ -327,6 +391,8 @@ def cases_for(op: str, device: torch.device, dtype: torch.dtype, size: str, quic
     cases: list[Case] = []
     if op == "lora_linear":
         cases += lora_cases(device, dtype, size, quick)
+    elif op == "lora_linear_group":
+        cases += lora_group_cases(device, dtype, size, quick)
     elif samples:
         first = samples[0]
         label = describe(op, first.label, first.args)
@@ -548,7 +614,7 @@ class Runner:
             out.append(System("compile", "compile", status="skipped", reason=why))
         else:
             out.append(System("compile", "compile", None, verify="full", kind="reference"))
-        if case.op in peers.LIGER_OPS or case.op in ("lora_linear", "attention"):
+        if case.op in peers.LIGER_OPS or case.op in ("lora_linear", "lora_linear_group", "attention"):
             fn = peers.liger(case.op, case.args, self.device)
             out.append(System("liger", "peer", fn if callable(fn) else None, reason="" if callable(fn) else fn,
                               status="" if callable(fn) else "n/a"))
@@ -558,6 +624,12 @@ class Runner:
                               status="" if callable(fn) else "n/a"))
             out.append(System("base_gemm", "ceiling", peers.base_gemm(case.args), verify="none",
                               work=work_base_gemm(case.args), reason="x @ W.T + dX only: no LoRA, not ranked"))
+        if case.op == "lora_linear_group":
+            out.append(System("separate", "peer", separate_projections(case.args), verify="full",
+                              reason="ops.lora_linear per projection: the ungrouped path"))
+            base, work = group_base_gemms(case.args)
+            out.append(System("base_gemm", "ceiling", base, verify="none", work=work,
+                              reason="x @ W_i.T + dX for every projection: no LoRA, not ranked"))
         if case.op == "attention":
             fn = peers.sdpa(case.args)
             out.append(System("sdpa", "peer", fn if callable(fn) else None, reason="" if callable(fn) else fn,

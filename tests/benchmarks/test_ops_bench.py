@@ -32,9 +32,8 @@ from slipstream.ops import SPECS
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
-# The ops the harness has cases and work formulas for (lora_linear_group has none yet: the harness
-# benchmarks each LoRA projection as one lora_linear case).
-OPS = [op for op in SPECS if op in harness.WORK]
+OPS = list(SPECS)
+assert set(OPS) == set(harness.WORK), "every op needs benchmark cases and a work formula"
 
 
 def first_case(op: str, dtype: torch.dtype = torch.bfloat16) -> harness.Case:
@@ -87,6 +86,9 @@ def test_run_cpu_quick_writes_results_and_report_regenerates(tmp_path):
         assert case["summary"]["vs_eager"] is not None and rows["eager"]["rank"] is not None
         if case["op"] == "lora_linear":
             assert rows["peft"]["status"] == "ok", rows["peft"]
+            assert rows["base_gemm"]["status"] == "ok" and rows["base_gemm"]["rank"] is None
+        if case["op"] == "lora_linear_group":  # the ungrouped path it replaces, checked against eager in full
+            assert rows["separate"]["status"] == "ok" and rows["separate"]["full_check"]["ok"], rows["separate"]
             assert rows["base_gemm"]["status"] == "ok" and rows["base_gemm"]["rank"] is None
     assert sum(c["op"] == "lora_linear" and "nf4" in c["label"] for c in results["cases"]) == 1
     assert results["meta"]["graph"]["enabled"] is False
