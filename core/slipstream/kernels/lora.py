@@ -57,6 +57,7 @@ from slipstream.kernels import nf4
 from slipstream.kernels._aot import AotUnit, ptr
 from slipstream.kernels._catalog import PortableKernel, interpreter_on, launch_options
 from slipstream.ops.hints import output_values_are_unused
+from slipstream.ops.lora_linear_group import projections
 from slipstream.quant import QuantizedWeight
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -433,15 +434,6 @@ def accepts(x: object, weight: object, lora_a: object, lora_b: object, scaling: 
     return isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() == 2
 
 
-GROUP_SLOTS = 3
-"""Projection slots of the ``lora_linear_group`` op's flat signature (see slipstream.ops.lora_linear_group)."""
-
-
-def _filled(args: Sequence) -> list[tuple]:
-    """``(weight, lora_a, lora_b, scaling, bias)`` of each filled slot of the op's flat arguments."""
-    return [tuple(args[1 + 5 * i:6 + 5 * i]) for i in range(GROUP_SLOTS) if args[1 + 5 * i] is not None]
-
-
 def lora_linear_group_op(
     x: torch.Tensor,
     weight0: torch.Tensor | QuantizedWeight, lora_a0: torch.Tensor, lora_b0: torch.Tensor, scaling0: float,
@@ -452,18 +444,17 @@ def lora_linear_group_op(
     lora_b2: torch.Tensor | None = None, scaling2: float | None = None, bias2: torch.Tensor | None = None,
     config: dict | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """The ``lora_linear_group`` op (flat slots: 2 or 3 projections of ``x``) through :func:`lora_linear_group`.
-
-    Returns one (..., N_i) tensor per filled slot."""
-    slots = _filled((x, weight0, lora_a0, lora_b0, scaling0, bias0, weight1, lora_a1, lora_b1, scaling1, bias1,
-                     weight2, lora_a2, lora_b2, scaling2, bias2))
+    """The ``lora_linear_group`` op (its flat slots, 2 or 3 filled; the registry checks the parameters
+    match the reference's) through :func:`lora_linear_group`. Returns one (..., N_i) tensor per filled slot."""
+    slots = projections((x, weight0, lora_a0, lora_b0, scaling0, bias0, weight1, lora_a1, lora_b1, scaling1, bias1,
+                         weight2, lora_a2, lora_b2, scaling2, bias2))
     weights, a_s, b_s, scalings, biases = (list(c) for c in zip(*slots, strict=True))
     return tuple(lora_linear_group(x, weights, a_s, b_s, scalings, biases, config=config))
 
 
 def accepts_group(x: object, *slots: object) -> bool:
     """:func:`accepts` holds for every filled projection slot."""
-    return all(accepts(x, *p) for p in _filled((x, *slots)))
+    return all(accepts(x, *p) for p in projections((x, *slots)))
 
 
 AOT_RANKS = (16,)
