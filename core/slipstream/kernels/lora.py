@@ -55,6 +55,7 @@ import triton.language as tl
 
 from slipstream.kernels import nf4
 from slipstream.kernels._aot import AotUnit, ptr
+from slipstream.kernels._casts import ADAPTER_CASTS
 from slipstream.kernels._catalog import PortableKernel, interpreter_on, launch_options
 from slipstream.ops.hints import output_values_are_unused
 from slipstream.ops.lora_linear_group import projections
@@ -240,7 +241,7 @@ class _LoraLinear(torch.autograd.Function):
         n = weight.shape[0]
         dt = x.dtype
         x2 = _unit_stride(x.reshape(-1, k))
-        a_c, b_c = lora_a.to(dt), lora_b.to(dt)
+        a_c, b_c = ADAPTER_CASTS.get(lora_a, dt), ADAPTER_CASTS.get(lora_b, dt)
         bias_c = None if bias is None else bias.to(dt)
         xa = torch.mm(x2, a_c.t())  # (M, r)
         if output_values_are_unused():  # a recomputed layer's last projection: only the backward is needed
@@ -271,9 +272,9 @@ class _LoraLinear(torch.autograd.Function):
             dbias = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtype) if need_bias else None
             return dx, dw, da, db, dbias, None, None
         if need_x or need_a:
-            dyb = torch.mm(dy2, lora_b.to(dt))  # (M, r)
+            dyb = torch.mm(dy2, ADAPTER_CASTS.get(lora_b, dt))  # (M, r)
             if need_x:
-                dx = _grad_input(dy2, weight, dyb, lora_a.to(dt), s, cfg).view(ctx.x_shape)
+                dx = _grad_input(dy2, weight, dyb, ADAPTER_CASTS.get(lora_a, dt), s, cfg).view(ctx.x_shape)
             if need_a:
                 da = torch.mm(dyb.t(), x2).mul_(s).to(lora_a.dtype)
         if need_b:
@@ -320,13 +321,13 @@ class _LoraGroup(torch.autograd.Function):
         dt = x.dtype
         x2 = _unit_stride(x.reshape(-1, k))
         ranks = [a.shape[0] for a in a_s]
-        a_all = torch.cat([a.to(dt) for a in a_s]) if g > 1 else a_s[0].to(dt)  # (sum r, K)
+        a_all = ADAPTER_CASTS.cat(tuple(a_s), dt)  # (sum r, K)
         xa_all = torch.mm(x2, a_all.t())  # (M, sum r): one read of x for every adapter
         outs, start = [], 0
         for w, b, bias, s, r in zip(weights, b_s, biases, scalings, ranks, strict=True):
             xa = xa_all[:, start:start + r]
             start += r
-            out = _base_plus_lora(x2, w, None if bias is None else bias.to(dt), xa, b.to(dt), s, cfg)
+            out = _base_plus_lora(x2, w, None if bias is None else bias.to(dt), xa, ADAPTER_CASTS.get(b, dt), s, cfg)
             outs.append(out.view(*x.shape[:-1], w.shape[0]))
         dense = [w if isinstance(w, torch.Tensor) else None for w in weights]
         ctx.save_for_backward(x2, xa_all, *dense, *a_s, *b_s)
@@ -355,10 +356,10 @@ class _LoraGroup(torch.autograd.Function):
         starts = [sum(ctx.ranks[:i]) for i in range(g)]
         if live and (need_x or any(need_a)):
             # dYB_all (M, sum r) = [s_i * dY_i @ B_i]: the LoRA part of dX and every dA in one GEMM each
-            parts = [torch.mm(dys[i], b_s[i].to(dt)).mul_(scalings[i]) if i in live
+            parts = [torch.mm(dys[i], ADAPTER_CASTS.get(b_s[i], dt)).mul_(scalings[i]) if i in live
                      else x2.new_zeros((m, ctx.ranks[i])) for i in range(g)]
             dyb_all = torch.cat(parts, dim=1) if g > 1 else parts[0]
-            a_all = torch.cat([a.to(dt) for a in a_s]) if g > 1 else a_s[0].to(dt)
+            a_all = ADAPTER_CASTS.cat(tuple(a_s), dt)
             if need_x:
                 for j, i in enumerate(live):  # base products accumulate into one dX; LoRA term on the first
                     dx = _grad_input(dys[i], weights[i], dyb_all, a_all, 1.0, cfg, out=dx) if j == 0 else \

@@ -275,10 +275,11 @@ def release_all(patches: list) -> None:
 
 def undo(model: nn.Module, state: State) -> None:
     """Remove every slipstream instance forward under ``model``, restore attention, release rotary swaps."""
-    from slipstream.models import lora_groups
+    from slipstream.models import lora, lora_groups
     from slipstream.models.attention import set_implementation
 
     lora_groups.undo(model)
+    lora.remove_step_hook(model)
     for m in model.modules():
         if getattr(m.__dict__.get("forward"), "__func__", None) in _FORWARDS:
             del m.__dict__["forward"]

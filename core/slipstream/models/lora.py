@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from slipstream import ops
+from slipstream.kernels._casts import begin_step
 from slipstream.models.base import Build, instance_forward_reason
 from slipstream.quant import QuantizedWeight
 
@@ -180,3 +181,22 @@ def apply(build: Build) -> None:
         r = module.lora_A[name].weight.shape[0]
         base_kind = "NF4/FP4 base" if quantized else ("Conv1D base (W.T)" if transposed else "dense base")
         build.ok(module, "lora_linear", f"adapter {name!r}, r={r}, {base_kind}")
+    if any(m.op == "lora_linear" for m in build.accelerated):
+        install_step_hook(build.model)
+
+
+def _new_step(module: nn.Module, args: tuple) -> None:
+    """Forward pre-hook of an accelerated model: adapter casts from the previous step are dropped
+    (:mod:`slipstream.kernels._casts`), the ones made in this forward serve its recompute and backward."""
+    begin_step()
+
+
+def install_step_hook(model: nn.Module) -> None:
+    if not any(h is _new_step for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_new_step)
+
+
+def remove_step_hook(model: nn.Module) -> None:
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _new_step:
+            del model._forward_pre_hooks[key]
