@@ -49,7 +49,7 @@ class AdapterCasts:
     def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if t.dtype == dtype:
             return t
-        if not self.active:
+        if not self.active or _capturing(t):
             return t.to(dtype)
         key = (id(t), dtype)
         with self._lock:
@@ -65,7 +65,7 @@ class AdapterCasts:
         """``torch.cat([t.to(dtype) for t in tensors])`` (rows), cached like :meth:`get`."""
         if len(tensors) == 1:
             return self.get(tensors[0], dtype)
-        if not self.active:
+        if not self.active or _capturing(tensors[0]):
             return torch.cat([t.to(dtype) for t in tensors])
         key = (tuple(id(t) for t in tensors), dtype)
         with self._lock:
@@ -90,6 +90,12 @@ class AdapterCasts:
             self.misses += 1
             if self.active:
                 self._entries[key] = entry
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    """A CUDA graph is being captured (the tuner's timing): a cast made now holds no values until the
+    graph replays, so it must not be served to anything outside that graph."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 ADAPTER_CASTS = AdapterCasts()
