@@ -52,8 +52,9 @@ def timing_method(device: torch.device) -> str:
     ``SLIPSTREAM_TIMING=events``).
 
     Why graphs by default: on the H100 event timing of a 0.36 ms GEMM read 0.43 and 0.71 ms in two
-    rounds (host noise), and the tuner picked a LoRA implementation 1.54x the base GEMM over one at
-    1.38x; ranked by graph time it picked the 1.38x one (benchmarks/results/h100-2026-11-23-s4/)."""
+    rounds (host noise), and the tuner picked a LoRA implementation 1.54x the base GEMM over the cuBLAS
+    path at 1.36x; ranked by graph time it picked the cuBLAS path (1.37x in that run;
+    benchmarks/results/h100-2026-11-23-s4/)."""
     wanted = os.environ.get("SLIPSTREAM_TIMING", "graph").strip().lower() or "graph"
     if wanted not in ("events", "graph"):
         raise ValueError(f"SLIPSTREAM_TIMING must be 'events' or 'graph', got {wanted!r}")
