@@ -28,16 +28,17 @@ CATEGORIES = (  # first match wins; names are lower-cased kernel names
     ("attention", ("flash", "fmha", "cudnn", "attn", "sdpa")),
     ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "matmul", "cublas")),
     ("copy", ("memcpy", "memset")),
-    ("slipstream triton", ("_kernel",)),
+    ("torch elementwise / reductions / optimizer", ("at::native", "void ")),
 )
 
 
 def category(name: str) -> str:
+    """The kernel's category; slipstream's Triton kernels are the ``_``-prefixed jit functions."""
     low = name.lower()
     for label, keys in CATEGORIES:
         if any(k in low for k in keys):
             return label
-    return "other (torch elementwise, reductions, optimizer)"
+    return "slipstream triton" if name.startswith("_") else "other"
 
 
 def union_ms(intervals: list[tuple[float, float]]) -> float:

@@ -60,3 +60,29 @@ def test_w8b_tiny_nf4_routes_lora_through_slipstream():
     row = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
     assert "error" not in row, row
     assert "lora_linear" in row["chosen"], row["chosen"]
+
+
+def test_profile_step_tiny_cpu_writes_its_breakdown(tmp_path):
+    """The step profiler runs end to end (on the CPU there are no GPU kernels: busy 0, host ops listed)."""
+    out = tmp_path / "profile.json"
+    subprocess.run([sys.executable, "benchmarks/train/profile_step.py", "--shape", "tiny", "--device", "cpu",
+                    "--bsz", "1", "--seq", "32", "--warm", "1", "--checkpointing", "offload", "--out", str(out)],
+                   cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    result = json.loads(out.read_text())
+    assert result["wall_ms"] > 0 and result["gpu_busy_ms"] == 0 and result["kernels"] == 0
+    assert result["top_host_ops"] and all(ms >= 0 for _, _, ms in result["top_host_ops"])
+
+
+def test_union_of_intervals_counts_overlap_once():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "train"))
+    try:
+        from profile_step import category, union_ms
+    finally:
+        sys.path.pop(0)
+    assert union_ms([(0, 1000), (500, 1500), (2000, 2500)]) == 2.0  # us in, ms out
+    assert union_ms([]) == 0.0
+    assert category("nvjet_sm90_tst_256x128") == "gemm" and category("_rms_norm_fwd") == "slipstream triton"
+    assert category("_dequant_kernel") == "slipstream triton"
+    assert category("cudnn_generated_fort_native_sdpa_sm90_flash_fprop") == "attention"
+    torch_kernel = "void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>>"
+    assert category(torch_kernel).startswith("torch elementwise")  # not ours, though it ends in _kernel
