@@ -111,6 +111,19 @@ def base_weight(layer: nn.Module, base: nn.Module) -> torch.Tensor | QuantizedWe
     return qw
 
 
+def operands(layer: nn.Module) -> tuple | None:
+    """``(weight, lora_a, lora_b, scaling, bias)`` for ``ops.lora_linear`` when the layer's single active
+    adapter is usable right now (see :func:`adapter_reason`), else ``None`` (peft's forward runs)."""
+    name, _ = adapter_reason(layer)
+    if name is None:
+        return None
+    base = layer.get_base_layer()
+    weight = base_weight(layer, base)
+    if weight is None:
+        return None
+    return weight, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]), base.bias
+
+
 def lora_forward(self: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     if not args and not kwargs:
         group = self._slipstream.group
@@ -118,19 +131,9 @@ def lora_forward(self: nn.Module, x: torch.Tensor, *args: object, **kwargs: obje
             out = group.forward(self, x)
             if out is not None:
                 return out
-        name, _ = adapter_reason(self)
-        if name is not None:
-            base = self.get_base_layer()
-            weight = base_weight(self, base)
-            if weight is not None:
-                return ops.lora_linear(
-                    x,
-                    weight,
-                    self.lora_A[name].weight,
-                    self.lora_B[name].weight,
-                    float(self.scaling[name]),
-                    base.bias,
-                )
+        found = operands(self)
+        if found is not None:
+            return ops.lora_linear(x, *found)
     return type(self).forward(self, x, *args, **kwargs)
 
 

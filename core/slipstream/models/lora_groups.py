@@ -42,7 +42,7 @@ from torch import nn
 
 from slipstream import ops
 from slipstream.models.base import Build
-from slipstream.models.lora import LoraState, adapter_reason, base_weight, lora_forward
+from slipstream.models.lora import LoraState, lora_forward, operands
 
 ENV = "SLIPSTREAM_LORA_GROUPS"
 ATTR = "_slipstream_lora_group"  # on the parent of a lazy group
@@ -156,14 +156,7 @@ def _operands(layer: nn.Module, bypasses_call: bool) -> tuple | None:
         return None  # deaccelerated, or its forward replaced since
     if bypasses_call and _hooked(layer):
         return None
-    name, _ = adapter_reason(layer)
-    if name is None:
-        return None
-    base = layer.get_base_layer()
-    weight = base_weight(layer, base)
-    if weight is None:
-        return None
-    return weight, layer.lora_A[name].weight, layer.lora_B[name].weight, float(layer.scaling[name]), base.bias
+    return operands(layer)
 
 
 def run_pair(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
