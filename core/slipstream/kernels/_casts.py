@@ -49,33 +49,26 @@ class AdapterCasts:
     def get(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if t.dtype == dtype:
             return t
-        if not self.active or _capturing(t):
-            return t.to(dtype)
-        key = (id(t), dtype)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and self._valid(entry, (t,)):
-                self.hits += 1
-                return entry[-1]
-        cast = t.detach().to(dtype)
-        self._store(key, (t,), cast)
-        return cast
+        return self._cached((t,), dtype, lambda: t.detach().to(dtype))
 
     def cat(self, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
         """``torch.cat([t.to(dtype) for t in tensors])`` (rows), cached like :meth:`get`."""
         if len(tensors) == 1:
             return self.get(tensors[0], dtype)
+        return self._cached(tensors, dtype, lambda: torch.cat([t.detach().to(dtype) for t in tensors]))
+
+    def _cached(self, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, make) -> torch.Tensor:
         if not self.active or _capturing(tensors[0]):
-            return torch.cat([t.to(dtype) for t in tensors])
+            return make()
         key = (tuple(id(t) for t in tensors), dtype)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and self._valid(entry, tensors):
                 self.hits += 1
                 return entry[-1]
-        joined = torch.cat([t.detach().to(dtype) for t in tensors])
-        self._store(key, tensors, joined)
-        return joined
+        value = make()
+        self._store(key, tensors, value)
+        return value
 
     @staticmethod
     def _valid(entry: tuple, tensors: tuple[torch.Tensor, ...]) -> bool:
