@@ -54,12 +54,38 @@ def union_ms(intervals: list[tuple[float, float]]) -> float:
     return total / 1000
 
 
+def host_profile(step, sync, top: int = 40) -> dict:
+    """One step under ``cProfile`` (no torch profiler): where the host's Python time goes, by self
+    time and by cumulative time, as ``(function, calls, ms)``."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    sync()
+    t = time.perf_counter()
+    prof.enable()
+    step()
+    prof.disable()
+    host_ms = (time.perf_counter() - t) * 1000
+    sync()
+    stats = pstats.Stats(prof).stats
+
+    def name(key: tuple) -> str:
+        file, line, fn = key
+        return f"{'/'.join(Path(file).parts[-2:])}:{line}:{fn}"
+
+    rows = [(name(k), v[1], v[2] * 1000, v[3] * 1000) for k, v in stats.items()]
+    return dict(host_ms_under_cprofile=round(host_ms, 1),
+                by_self_ms=[(n, c, round(s, 1)) for n, c, s, _ in sorted(rows, key=lambda r: -r[2])[:top]],
+                by_cumulative_ms=[(n, c, round(cu, 1)) for n, c, _, cu in sorted(rows, key=lambda r: -r[3])[:top]])
+
+
 def profile(base: str, checkpointing: object, bsz: int, seq: int, warm: int, shape: str = "llama3-8b",
-            device: str = "cuda") -> dict:
+            device: str = "cuda", layers: int | None = None, host: bool = False) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    model, cfg = build(shape, base, checkpointing, device)
+    model, cfg = build(shape, base, checkpointing, device, layers)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(1)
@@ -73,6 +99,7 @@ def profile(base: str, checkpointing: object, bsz: int, seq: int, warm: int, sha
     for _ in range(warm):
         step()
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    host_side = host_profile(step, sync) if host else None
     sync()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
@@ -108,7 +135,7 @@ def profile(base: str, checkpointing: object, bsz: int, seq: int, warm: int, sha
         by_category_ms={k: round(v, 1) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
         top_kernels=[(n, c, round(ms, 2)) for n, (c, ms) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1])[:30]],
         top_host_ops=[(n, c, round(ms, 1)) for n, (c, ms) in sorted(by_host.items(), key=lambda kv: -kv[1][1])[:25]],
-        shape=shape,
+        shape=shape, layers=cfg.num_hidden_layers, host=host_side,
         device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
 
@@ -122,10 +149,12 @@ def main() -> None:
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's decoder layer count")
+    ap.add_argument("--host", action="store_true", help="also profile one step's Python time with cProfile")
     ap.add_argument("--out", default=None, help="write the result as JSON here")
     a = ap.parse_args()
     policy = {"true": True, "false": False}.get(a.checkpointing.lower(), a.checkpointing)
-    result = profile(a.base, policy, a.bsz, a.seq, a.warm, a.shape, a.device)
+    result = profile(a.base, policy, a.bsz, a.seq, a.warm, a.shape, a.device, a.layers, a.host)
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:

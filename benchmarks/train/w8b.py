@@ -47,12 +47,14 @@ def quantize_to_nf4(model: torch.nn.Module, device: str) -> None:
     torch.cuda.empty_cache()
 
 
-def build(shape: str, base: str, checkpointing: object, device: str):
+def build(shape: str, base: str, checkpointing: object, device: str, layers: int | None = None):
+    """The W8B model: ``shape``'s config (``layers`` overrides its decoder layer count, for quick
+    profiles), random weights, NF4 base when ``base == "nf4"``, LoRA r=16 on every linear projection."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from slipstream import FastModel
 
-    cfg = LlamaConfig(**SHAPES[shape])
+    cfg = LlamaConfig(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})})
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device != "cpu" else torch.float32

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slipstream.kernels._casts import ADAPTER_CASTS, AdapterCasts
+from slipstream.kernels._casts import ADAPTER_CASTS, KEEP, PEEK, TAKE, AdapterCasts, forward_use
 from slipstream.kernels.lora import CONFIGS, lora_linear, lora_linear_group
 
 
@@ -36,6 +36,31 @@ def test_inactive_until_a_step_begins_then_reused_until_the_tensor_changes():
     a.data.mul_(2.0)  # .data writes move no version counter: only the next step's clear covers them
     c.begin_step()
     assert torch.equal(c.get(a, torch.bfloat16), a.detach().to(torch.bfloat16))
+
+
+def test_a_cast_lives_from_a_keeping_forward_to_the_backward_that_takes_it():
+    c = AdapterCasts()
+    c.begin_step()
+    a = torch.randn(4, 8, requires_grad=True)
+    peeked = c.get(a, torch.bfloat16, PEEK)  # a no-grad forward: nothing stored
+    assert len(c) == 0 and c.get(a, torch.bfloat16, PEEK) is not peeked
+    kept = c.get(a, torch.bfloat16, KEEP)
+    assert len(c) == 1 and c.get(a, torch.bfloat16, PEEK) is kept
+    alias = a.detach()  # what a saved tensor may unpack as: another object over the same memory
+    assert alias is not a and c.get(alias, torch.bfloat16, TAKE) is kept
+    assert len(c) == 0  # taken: the backward was its last use
+    assert torch.equal(c.get(a, torch.bfloat16, TAKE), a.detach().to(torch.bfloat16))
+    view = a[1:]  # same data pointer family, other shape: never served the whole tensor's cast
+    c.get(a, torch.bfloat16, KEEP)
+    assert torch.equal(c.get(view, torch.bfloat16, TAKE), view.detach().to(torch.bfloat16))
+
+
+def test_forward_use_keeps_only_what_autograd_will_record():
+    a = torch.randn(4, 8, requires_grad=True)
+    frozen = torch.randn(4, 8)
+    assert forward_use(frozen, a) == KEEP and forward_use(frozen, None) == PEEK
+    with torch.no_grad():
+        assert forward_use(frozen, a) == PEEK
 
 
 def test_a_dead_tensor_never_serves_a_new_one_at_the_same_address():

@@ -55,7 +55,7 @@ import triton.language as tl
 
 from slipstream.kernels import nf4
 from slipstream.kernels._aot import AotUnit, ptr
-from slipstream.kernels._casts import ADAPTER_CASTS
+from slipstream.kernels._casts import ADAPTER_CASTS, TAKE, forward_use
 from slipstream.kernels._catalog import PortableKernel, interpreter_on, launch_options
 from slipstream.ops.hints import output_values_are_unused
 from slipstream.ops.lora_linear_group import projections
@@ -236,12 +236,12 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, lora_a: torch.Tensor,
-                lora_b: torch.Tensor, bias: torch.Tensor | None, scaling: float, cfg: dict) -> torch.Tensor:
+                lora_b: torch.Tensor, bias: torch.Tensor | None, scaling: float, cfg: dict, use: str) -> torch.Tensor:
         k = x.shape[-1]
         n = weight.shape[0]
         dt = x.dtype
         x2 = _unit_stride(x.reshape(-1, k))
-        a_c, b_c = ADAPTER_CASTS.get(lora_a, dt), ADAPTER_CASTS.get(lora_b, dt)
+        a_c, b_c = ADAPTER_CASTS.get(lora_a, dt, use), ADAPTER_CASTS.get(lora_b, dt, use)
         bias_c = None if bias is None else bias.to(dt)
         xa = torch.mm(x2, a_c.t())  # (M, r)
         if output_values_are_unused():  # a recomputed layer's last projection: only the backward is needed
@@ -270,11 +270,11 @@ class _LoraLinear(torch.autograd.Function):
             da = torch.zeros_like(lora_a) if need_a else None
             db = torch.zeros_like(lora_b) if need_b else None
             dbias = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtype) if need_bias else None
-            return dx, dw, da, db, dbias, None, None
+            return dx, dw, da, db, dbias, None, None, None
         if need_x or need_a:
-            dyb = torch.mm(dy2, ADAPTER_CASTS.get(lora_b, dt))  # (M, r)
+            dyb = torch.mm(dy2, ADAPTER_CASTS.get(lora_b, dt, TAKE))  # (M, r)
             if need_x:
-                dx = _grad_input(dy2, weight, dyb, ADAPTER_CASTS.get(lora_a, dt), s, cfg).view(ctx.x_shape)
+                dx = _grad_input(dy2, weight, dyb, ADAPTER_CASTS.get(lora_a, dt, TAKE), s, cfg).view(ctx.x_shape)
             if need_a:
                 da = torch.mm(dyb.t(), x2).mul_(s).to(lora_a.dtype)
         if need_b:
@@ -283,7 +283,7 @@ class _LoraLinear(torch.autograd.Function):
             dw = torch.mm(dy2.t(), x2).to(dense.dtype)
         if need_bias:
             dbias = dy2.sum(0).to(ctx.bias_dtype)
-        return dx, dw, da, db, dbias, None, None
+        return dx, dw, da, db, dbias, None, None, None
 
 
 def lora_linear(
@@ -302,7 +302,8 @@ def lora_linear(
     Differentiable in ``x``, ``A``, ``B``, ``bias`` and a dense ``W``. ``config``: one of
     :data:`CONFIGS` (``None``: the first).
     """
-    return _LoraLinear.apply(x, weight, lora_a, lora_b, bias, float(scaling), _resolve(config))
+    use = forward_use(x, weight if isinstance(weight, torch.Tensor) else None, lora_a, lora_b, bias)
+    return _LoraLinear.apply(x, weight, lora_a, lora_b, bias, float(scaling), _resolve(config), use)
 
 
 # ----------------------------------------------------------------------------- projections sharing x
@@ -314,20 +315,20 @@ class _LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, plan: tuple, *tensors):
-        scalings, cfg = plan
+        scalings, cfg, use = plan
         g = len(scalings)
         weights, a_s, b_s, biases = (tensors[i * g:(i + 1) * g] for i in range(4))
         k = x.shape[-1]
         dt = x.dtype
         x2 = _unit_stride(x.reshape(-1, k))
         ranks = [a.shape[0] for a in a_s]
-        a_all = ADAPTER_CASTS.cat(tuple(a_s), dt)  # (sum r, K)
+        a_all = ADAPTER_CASTS.cat(tuple(a_s), dt, use)  # (sum r, K)
         xa_all = torch.mm(x2, a_all.t())  # (M, sum r): one read of x for every adapter
         outs, start = [], 0
         for w, b, bias, s, r in zip(weights, b_s, biases, scalings, ranks, strict=True):
             xa = xa_all[:, start:start + r]
             start += r
-            out = _base_plus_lora(x2, w, None if bias is None else bias.to(dt), xa, ADAPTER_CASTS.get(b, dt), s, cfg)
+            out = _base_plus_lora(x2, w, None if bias is None else bias.to(dt), xa, ADAPTER_CASTS.get(b, dt, use), s, cfg)
             outs.append(out.view(*x.shape[:-1], w.shape[0]))
         dense = [w if isinstance(w, torch.Tensor) else None for w in weights]
         ctx.save_for_backward(x2, xa_all, *dense, *a_s, *b_s)
@@ -338,7 +339,7 @@ class _LoraGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        scalings, cfg = ctx.plan
+        scalings, cfg, _ = ctx.plan
         g = len(scalings)
         saved = ctx.saved_tensors
         x2, xa_all = saved[:2]
@@ -356,10 +357,10 @@ class _LoraGroup(torch.autograd.Function):
         starts = [sum(ctx.ranks[:i]) for i in range(g)]
         if live and (need_x or any(need_a)):
             # dYB_all (M, sum r) = [s_i * dY_i @ B_i]: the LoRA part of dX and every dA in one GEMM each
-            parts = [torch.mm(dys[i], ADAPTER_CASTS.get(b_s[i], dt)).mul_(scalings[i]) if i in live
+            parts = [torch.mm(dys[i], ADAPTER_CASTS.get(b_s[i], dt, TAKE)).mul_(scalings[i]) if i in live
                      else x2.new_zeros((m, ctx.ranks[i])) for i in range(g)]
             dyb_all = torch.cat(parts, dim=1) if g > 1 else parts[0]
-            a_all = ADAPTER_CASTS.cat(tuple(a_s), dt)
+            a_all = ADAPTER_CASTS.cat(tuple(a_s), dt, TAKE)
             if need_x:
                 for j, i in enumerate(live):  # base products accumulate into one dX; LoRA term on the first
                     dx = _grad_input(dys[i], weights[i], dyb_all, a_all, 1.0, cfg, out=dx) if j == 0 else \
@@ -418,7 +419,9 @@ def lora_linear_group(
     biases = list(biases) if biases is not None else [None] * g
     if len(biases) != g:
         raise ValueError(f"lora_linear_group: {len(biases)} biases for {g} weights")
-    plan = (tuple(float(s) for s in scalings), _resolve(config))
+    use = forward_use(x, *(w for w in weights if isinstance(w, torch.Tensor)), *lora_as, *lora_bs,
+                      *(b for b in biases if b is not None))
+    plan = (tuple(float(s) for s in scalings), _resolve(config), use)
     return list(_LoraGroup.apply(x, plan, *weights, *lora_as, *lora_bs, *biases))
 
 
