@@ -35,7 +35,6 @@ import weakref
 
 import torch
 
-
 KEEP, PEEK, TAKE = "keep", "peek", "take"
 """How a pass uses a cast (see the module docstring): a forward whose backward will run keeps it,
 a forward under ``no_grad`` peeks, a backward takes it."""

@@ -186,6 +186,16 @@ def _gemm_lora(a: torch.Tensor, w: torch.Tensor, left: torch.Tensor, f: torch.Te
     return out
 
 
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t * scale`` in place; no kernel at all for the common ``scale == 1`` (lora_alpha == r)."""
+    return t if scale == 1.0 else t.mul_(scale)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when nothing changes (each call costs host time)."""
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` (2-D) with unit column stride (a copy only when it has none)."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
@@ -196,34 +206,48 @@ def _materialise(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, cfg
     """The base weight (N, K) in ``dtype``: the tensor itself when it already is, else a temporary
     (dequantised by the Triton kernel, or cast) that the caller drops right after its GEMM."""
     if isinstance(weight, QuantizedWeight):
-        return nf4.dequantize(weight, dtype, config={"bytes": cfg["bytes"], "num_warps": cfg["num_warps"]})
+        return nf4.dequantize(weight, dtype, config=cfg)  # reads its "bytes" and "num_warps"
     return weight if weight.dtype == dtype else weight.to(dtype)
 
 
 def _base_plus_lora(x2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None,
                     xa: torch.Tensor, b_c: torch.Tensor, scaling: float, cfg: dict) -> torch.Tensor:
-    """(M, N) ``x2 @ W.T + bias + scaling * xa @ b_c.T``, everything in ``x2``'s dtype."""
+    """(M, N) ``x2 @ W.T + bias + scaling * xa @ b_c.T``, everything in ``x2``'s dtype.
+
+    cuBLAS path: the small LoRA product is written first (``bias + scaling * xa @ B.T``, K = r) and
+    the base GEMM accumulates onto it (beta = 1). The base GEMM is compute-bound, so reading the
+    output in its epilogue is nearly free; adding the LoRA term afterwards instead would cost one
+    more memory-bound read and write of the whole (M, N) output."""
     n = weight.shape[0]
     if x2.shape[0] == 0:
         return x2.new_zeros((0, n))
     w = _materialise(weight, x2.dtype, cfg)
     if cfg["base"] == "triton":
         return _gemm_lora(x2, w, xa, b_c, scaling, bias, cfg, forward=True)
-    out = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+    if bias is None:
+        out = x2.new_empty((x2.shape[0], n)).addmm_(xa, b_c.t(), beta=0, alpha=scaling)
+    else:
+        out = torch.addmm(bias, xa, b_c.t(), alpha=scaling)
+    out.addmm_(x2, w.t())
     del w  # a dequantised temporary goes back to the allocator before the next GEMM
-    return out.addmm_(xa, b_c.t(), alpha=scaling)
+    return out
 
 
 def _grad_input(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, left: torch.Tensor,
                 right: torch.Tensor, alpha: float, cfg: dict,
                 out: torch.Tensor | None = None) -> torch.Tensor:
-    """(M, K) ``dy2 @ W + alpha * left @ right`` (``+ out`` in place when given)."""
+    """(M, K) ``dy2 @ W + alpha * left @ right`` (``+ out`` in place when given); on the cuBLAS path
+    the LoRA term first and the base GEMM accumulating onto it, as in :func:`_base_plus_lora`."""
     w = _materialise(weight, dy2.dtype, cfg)
     if cfg["base"] == "triton":
         return _gemm_lora(dy2, w, left, right, alpha, None, cfg, forward=False, out=out)
-    out = torch.mm(dy2, w) if out is None else out.addmm_(dy2, w)
+    if out is None:
+        out = dy2.new_empty((dy2.shape[0], w.shape[1])).addmm_(left, right, beta=0, alpha=alpha)
+    else:
+        out.addmm_(left, right, alpha=alpha)
+    out.addmm_(dy2, w)
     del w
-    return out.addmm_(left, right, alpha=alpha)
+    return out
 
 
 def _resolve(config: dict | None) -> dict:
@@ -242,7 +266,7 @@ class _LoraLinear(torch.autograd.Function):
         dt = x.dtype
         x2 = _unit_stride(x.reshape(-1, k))
         a_c, b_c = ADAPTER_CASTS.get(lora_a, dt, use), ADAPTER_CASTS.get(lora_b, dt, use)
-        bias_c = None if bias is None else bias.to(dt)
+        bias_c = None if bias is None else _as(bias, dt)
         xa = torch.mm(x2, a_c.t())  # (M, r)
         if output_values_are_unused():  # a recomputed layer's last projection: only the backward is needed
             out = x2.new_empty((x2.shape[0], n))
@@ -262,7 +286,7 @@ class _LoraLinear(torch.autograd.Function):
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         s, cfg, dt = ctx.scaling, ctx.cfg, x2.dtype
         n = weight.shape[0]
-        dy2 = _unit_stride(grad.reshape(-1, n).to(dt))
+        dy2 = _unit_stride(_as(grad.reshape(-1, n), dt))
         dx = dw = da = db = dbias = None
         if x2.shape[0] == 0:  # no rows: every gradient is zero, nothing to compute
             dx = torch.zeros(ctx.x_shape, device=x2.device, dtype=dt) if need_x else None
@@ -276,13 +300,13 @@ class _LoraLinear(torch.autograd.Function):
             if need_x:
                 dx = _grad_input(dy2, weight, dyb, ADAPTER_CASTS.get(lora_a, dt, TAKE), s, cfg).view(ctx.x_shape)
             if need_a:
-                da = torch.mm(dyb.t(), x2).mul_(s).to(lora_a.dtype)
+                da = _as(_scaled(torch.mm(dyb.t(), x2), s), lora_a.dtype)
         if need_b:
-            db = torch.mm(dy2.t(), xa).mul_(s).to(lora_b.dtype)
+            db = _as(_scaled(torch.mm(dy2.t(), xa), s), lora_b.dtype)
         if need_w:
-            dw = torch.mm(dy2.t(), x2).to(dense.dtype)
+            dw = _as(torch.mm(dy2.t(), x2), dense.dtype)
         if need_bias:
-            dbias = dy2.sum(0).to(ctx.bias_dtype)
+            dbias = _as(dy2.sum(0), ctx.bias_dtype)
         return dx, dw, da, db, dbias, None, None, None
 
 
@@ -328,7 +352,8 @@ class _LoraGroup(torch.autograd.Function):
         for w, b, bias, s, r in zip(weights, b_s, biases, scalings, ranks, strict=True):
             xa = xa_all[:, start:start + r]
             start += r
-            out = _base_plus_lora(x2, w, None if bias is None else bias.to(dt), xa, ADAPTER_CASTS.get(b, dt, use), s, cfg)
+            b_c = ADAPTER_CASTS.get(b, dt, use)
+            out = _base_plus_lora(x2, w, None if bias is None else _as(bias, dt), xa, b_c, s, cfg)
             outs.append(out.view(*x.shape[:-1], w.shape[0]))
         dense = [w if isinstance(w, torch.Tensor) else None for w in weights]
         ctx.save_for_backward(x2, xa_all, *dense, *a_s, *b_s)
@@ -349,7 +374,7 @@ class _LoraGroup(torch.autograd.Function):
         need_w, need_a, need_b, need_bias = (need[i * g:(i + 1) * g] for i in range(4))
         need_x = ctx.needs_input_grad[0]
         dt, m = x2.dtype, x2.shape[0]
-        dys = [None if gr is None else _unit_stride(gr.reshape(-1, w.shape[0]).to(dt))
+        dys = [None if gr is None else _unit_stride(_as(gr.reshape(-1, w.shape[0]), dt))
                for gr, w in zip(grads, weights, strict=True)]
         dws, das, dbs, dbiases = [None] * g, [None] * g, [None] * g, [None] * g
         dx = None
@@ -357,7 +382,7 @@ class _LoraGroup(torch.autograd.Function):
         starts = [sum(ctx.ranks[:i]) for i in range(g)]
         if live and (need_x or any(need_a)):
             # dYB_all (M, sum r) = [s_i * dY_i @ B_i]: the LoRA part of dX and every dA in one GEMM each
-            parts = [torch.mm(dys[i], ADAPTER_CASTS.get(b_s[i], dt, TAKE)).mul_(scalings[i]) if i in live
+            parts = [_scaled(torch.mm(dys[i], ADAPTER_CASTS.get(b_s[i], dt, TAKE)), scalings[i]) if i in live
                      else x2.new_zeros((m, ctx.ranks[i])) for i in range(g)]
             dyb_all = torch.cat(parts, dim=1) if g > 1 else parts[0]
             a_all = ADAPTER_CASTS.cat(tuple(a_s), dt, TAKE)
@@ -367,23 +392,25 @@ class _LoraGroup(torch.autograd.Function):
                         _accumulate_base(dx, dys[i], weights[i], cfg)
             if any(need_a):
                 da_all = torch.mm(dyb_all.t(), x2)  # (sum r, K): one read of x for every adapter
+                if len({a.dtype for a in a_s}) == 1:
+                    da_all = _as(da_all, a_s[0].dtype)  # one cast; each dA_i is a contiguous row block
                 for i in range(g):
                     if need_a[i]:
-                        das[i] = da_all[starts[i]:starts[i] + ctx.ranks[i]].to(a_s[i].dtype)
+                        das[i] = _as(da_all[starts[i]:starts[i] + ctx.ranks[i]], a_s[i].dtype)
         for i in range(g):
             dy = dys[i]
             if need_b[i]:
-                dbs[i] = torch.zeros_like(b_s[i]) if dy is None or m == 0 else torch.mm(
-                    dy.t(), xa_all[:, starts[i]:starts[i] + ctx.ranks[i]]).mul_(scalings[i]).to(b_s[i].dtype)
+                dbs[i] = torch.zeros_like(b_s[i]) if dy is None or m == 0 else _as(_scaled(torch.mm(
+                    dy.t(), xa_all[:, starts[i]:starts[i] + ctx.ranks[i]]), scalings[i]), b_s[i].dtype)
             if need_a[i] and das[i] is None:
                 das[i] = torch.zeros_like(a_s[i])
             if need_w[i]:
-                dws[i] = torch.zeros_like(dense[i]) if dy is None or m == 0 else torch.mm(dy.t(), x2).to(
-                    dense[i].dtype)
+                dws[i] = torch.zeros_like(dense[i]) if dy is None or m == 0 else _as(torch.mm(dy.t(), x2),
+                                                                                     dense[i].dtype)
             if need_bias[i]:
                 n = weights[i].shape[0]
                 dbiases[i] = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtypes[i]) if dy is None else \
-                    dy.sum(0).to(ctx.bias_dtypes[i])
+                    _as(dy.sum(0), ctx.bias_dtypes[i])
         if need_x:
             dx = torch.zeros(ctx.x_shape, device=x2.device, dtype=dt) if dx is None else dx.view(ctx.x_shape)
         return (dx, None, *dws, *das, *dbs, *dbiases)

@@ -19,6 +19,8 @@ nested lookup) per block row, and contiguous vector stores of the interleaved ou
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -117,13 +119,6 @@ def supports(qw: QuantizedWeight) -> bool:
     return qw.packed.is_contiguous() and qw.absmax.is_contiguous()
 
 
-def _launch_params(qw: QuantizedWeight, config: dict | None) -> tuple[int, int]:
-    cfg = {**DEFAULT_CONFIG, **(config or {})}
-    half = qw.blocksize // 2
-    blocks = max(1, int(cfg["bytes"]) // half)
-    return blocks, int(cfg["num_warps"])
-
-
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, *, out: torch.Tensor | None = None,
                config: dict | None = None) -> torch.Tensor:
     """The dense (N, K) weight of ``qw`` in ``dtype`` (default: ``qw.dtype``).
@@ -133,8 +128,35 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, *, out: to
     may be contracted into an FMA (one fp32 ulp of the scale). ``out``: a contiguous (N, K)
     buffer of ``dtype`` to write into (saves an allocation). ``config``: ``{"bytes": packed
     bytes per program, "num_warps": ...}``.
+
+    A QLoRA step dequantises every projection three times (forward, recompute, backward), so the
+    launch arguments are worked out once per weight, dtype and config and reused (:func:`_launch_plan`).
     """
     dtype = dtype or qw.dtype
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    plan = _launch_plan(qw, dtype, int(cfg["bytes"]), int(cfg["num_warps"]))
+    n, k = qw.shape
+    if out is None:
+        out = torch.empty((n, k), device=qw.device, dtype=dtype)
+    elif out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"nf4.dequantize: `out` must be a contiguous ({n}, {k}) {dtype} tensor")
+    if plan is not None:
+        grid, before, after, constexprs = plan
+        _dequant_kernel[grid](*before, out, *after, **constexprs)
+    return out
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _launch_plan(qw: QuantizedWeight, dtype: torch.dtype, n_bytes_per_program: int, num_warps: int
+                 ) -> tuple | None:
+    """``(grid, arguments before out, arguments after out, constexprs)`` for dequantising ``qw`` to
+    ``dtype``, checked and cached per weight (``None``: an empty weight, nothing to launch)."""
+    key = (dtype, n_bytes_per_program, num_warps, interpreter_on())
+    plans = _PLANS.get(qw)
+    if plans is not None and key in plans:
+        return plans[key]
     if dtype not in OUT_DTYPES:
         raise TypeError(f"nf4.dequantize: output dtype must be one of {OUT_DTYPES}, got {dtype}")
     if not supports(qw):
@@ -142,29 +164,26 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None, *, out: to
                          f"{qw.nested_blocksize}, contiguous {qw.packed.is_contiguous()}); "
                          "use qw.dequantize()")
     n, k = qw.shape
-    if out is None:
-        out = torch.empty((n, k), device=qw.device, dtype=dtype)
-    elif out.shape != (n, k) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"nf4.dequantize: `out` must be a contiguous ({n}, {k}) {dtype} tensor")
     n_bytes = n * k // 2
-    if n_bytes == 0:
-        return out
-    n_blocks = qw.absmax.numel()
-    blocks, num_warps = _launch_params(qw, config)
-    code = qw.code.float()
-    if qw.double_quant:
-        nested_absmax, nested_code = qw.nested_absmax.float(), qw.nested_code.float()  # no-ops when fp32
-        offset, nested_bs = float(qw.nested_offset or 0.0), int(qw.nested_blocksize)
-        absmax = qw.absmax
-    else:
-        absmax = qw.absmax.float()
-        nested_absmax, nested_code, offset, nested_bs = absmax, code, 0.0, 1
-    grid = (triton.cdiv(n_blocks, blocks),)
-    _dequant_kernel[grid](qw.packed, absmax, code, nested_absmax, nested_code, out, n_bytes, n_blocks, offset,
-                          HALF_BLOCK=qw.blocksize // 2, BLOCKS=blocks, NESTED_BLOCKSIZE=nested_bs,
+    plan = None
+    if n_bytes:
+        n_blocks = qw.absmax.numel()
+        blocks = max(1, n_bytes_per_program // (qw.blocksize // 2))
+        code = qw.code.float()
+        if qw.double_quant:
+            nested_absmax, nested_code = qw.nested_absmax.float(), qw.nested_code.float()  # no-ops when fp32
+            offset, nested_bs = float(qw.nested_offset or 0.0), int(qw.nested_blocksize)
+            absmax = qw.absmax
+        else:
+            absmax = qw.absmax.float()
+            nested_absmax, nested_code, offset, nested_bs = absmax, code, 0.0, 1
+        grid = (triton.cdiv(n_blocks, blocks),)
+        constexprs = dict(HALF_BLOCK=qw.blocksize // 2, BLOCKS=blocks, NESTED_BLOCKSIZE=nested_bs,
                           DOUBLE_QUANT=qw.double_quant,
                           BF16_RNE_BY_HAND=dtype == torch.bfloat16 and interpreter_on(), num_warps=num_warps)
-    return out
+        plan = (grid, (qw.packed, absmax, code, nested_absmax, nested_code), (n_bytes, n_blocks, offset), constexprs)
+    _PLANS.setdefault(qw, {})[key] = plan
+    return plan
 
 
 def aot_units(config: dict | None = None, blocksize: int = 64) -> list[AotUnit]:
