@@ -136,6 +136,7 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
                 max_memory_gib=max_memory_gib,
                 plan=None if plan is None else f"{plan.choice}:{plan.checkpointed_layers}" + ("+lean" * plan.lean),
                 step_s=round(med, 4), tok_s=round(bsz * seq / med), host_s=round(hosts[len(hosts) // 2], 4),
+                timed_steps=len(times), step_s_min=round(times[0], 4), step_s_max=round(times[-1], 4),
                 allocator_during_timed_steps=allocator, synchronising_calls=syncs,
                 peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
                 host_peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),  # KiB on Linux
