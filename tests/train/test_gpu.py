@@ -76,7 +76,12 @@ def test_offload_frees_layer_inputs(tmp_path):
     assert peaks["offload"] < peaks[True] - (layers - 3) * layer_input, peaks
 
 
-def test_lean_frees_the_cheap_outputs_and_changes_no_gradient(tmp_path):
+def test_lean_frees_the_cheap_outputs_and_changes_no_gradient(tmp_path, monkeypatch):
+    # Static kernel choice: the claim is that lean reruns the *same* implementation on the same
+    # inputs. With tuning on, an op key first met in the lean run may be tuned to another (equally
+    # verified) config whose reduction order differs: on the H100 that moved LoRA gradients by up to
+    # 6.1e-5 (bf16 ulps), while with a static choice lean and plain were bit-identical.
+    monkeypatch.setenv("SLIPSTREAM_TUNE", "0")
     layers, hidden, inter = 4, 512, 1536
     model, _ = gpu_model(tmp_path, torch.bfloat16, num_hidden_layers=layers, hidden_size=hidden,
                          intermediate_size=inter, head_dim=64, num_attention_heads=8, num_key_value_heads=4)
