@@ -85,8 +85,8 @@ class AdapterCasts:
         return len(self._entries)
 
     def _cached(self, tensors: tuple[torch.Tensor, ...], dtype: torch.dtype, make, use: str) -> torch.Tensor:
-        if not self.active or _capturing(tensors[0]):
-            return make()
+        if not self.active or (use == PEEK and not self._entries) or _capturing(tensors[0]):
+            return make()  # (an offloaded layer's first forward peeks into an empty cache: no key needed)
         key = (tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors), dtype)
         with self._lock:
             entry = self._entries.pop(key, None) if use == TAKE else self._entries.get(key)
