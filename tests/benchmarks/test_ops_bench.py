@@ -69,7 +69,7 @@ def test_run_cpu_quick_writes_results_and_report_regenerates(tmp_path):
                           timeout=300)
     elapsed = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert elapsed < 60, f"CPU quick run took {elapsed:.0f} s"
+    assert elapsed < 120, f"CPU quick run took {elapsed:.0f} s"  # ~20 s alone; CI runs two test workers
     results = json.loads((out / "results.json").read_text())
     assert results["meta"]["device"] and results["meta"]["versions"]["torch"] == torch.__version__
     assert results["ceilings"]["copy"]["gbps"] > 0 and results["ceilings"]["matmul"]["bfloat16"]["tflops"] > 0
