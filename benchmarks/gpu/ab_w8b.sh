@@ -5,7 +5,7 @@
 set -uo pipefail
 source benchmarks/gpu/setup.sh > "${OUT:-/tmp}/setup.log" 2>&1
 set +e
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site_old .whl_old/*.whl .peers/liger_kernel-*.whl \
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site_old .whl_old/*.whl .peers/liger_kernel-*.whl \
   .peers/bitsandbytes-*.whl .whl/pluggy-*.whl .whl/filelock-*.whl
 export PYTHONUNBUFFERED=1 SLIPSTREAM_QUIET=1 HF_HUB_OFFLINE=1
 NEW_PATH=$PYTHONPATH
