@@ -210,7 +210,7 @@ def _materialise(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, cfg
     (dequantised by the Triton kernel, or cast) that the caller drops right after its GEMM."""
     if isinstance(weight, QuantizedWeight):
         return nf4.dequantize(weight, dtype, config=cfg)  # reads its "bytes" and "num_warps"
-    return weight if weight.dtype == dtype else weight.to(dtype)
+    return _as(weight, dtype)
 
 
 def _base_plus_lora(x2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None,
