@@ -2,7 +2,9 @@
 
 Llama-3.1-8B-shaped model with random weights, LoRA r=16 on all 7 projections, batch 2 x 2048,
 AdamW; bf16 or NF4 base. One JSON line per run with tokens/s (median step after warm-up, which
-also covers the dispatcher's one-time tuning) and peak GiB (allocated, reset after loading).
+also covers the dispatcher's one-time tuning and the CUDA graph captures) and peak GiB (allocated,
+reset after warm-up, plus the whole CUDA graph pool: replays never go through the allocator, so its
+peak alone would not see the graphs' temporaries).
 The peers (transformers + peft, Liger-Kernel) run through ../shared/peers/gpu_baseline.py, one
 system per process, on the same GPU (see run_all.sh).
 
@@ -100,6 +102,7 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
         opt.zero_grad(set_to_none=True)
         log(f"prewarm step at {prewarm_seq} tokens done")
     times, hosts, losses = [], [], []
+    warm_peak = 0
     tune_s = 0.0
     for i in range(warm + steps):
         ids = torch.randint(0, cfg.vocab_size, (bsz, seq), device=device, generator=gen)
@@ -123,6 +126,7 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
             f"(host {host:.3f} s), loss {losses[-1]:.3f}, "
             f"peak {torch.cuda.max_memory_allocated() / 2**30 if cuda else 0:.2f} GiB")
         if i == warm - 1 and cuda:
+            warm_peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()  # the tuner's scratch inputs are not training memory
             alloc_before = _allocator_counts()
     syncs = _synchronising_calls(model, opt, cfg, bsz, seq, device, gen) if cuda and warm else None  # not long runs
@@ -132,13 +136,21 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
     allocator = None
     if cuda and warm:  # device mallocs/frees and retries during the timed steps: each one synchronises
         allocator = {k: v - alloc_before.get(k, 0) for k, v in _allocator_counts().items()}
+    from slipstream.train.offload import graph_report
+
+    graphs = graph_report(model)
+    pool = graphs["pool_bytes"] if graphs else 0
+    peak = torch.cuda.max_memory_allocated() + pool if cuda else 0  # replays never ask the allocator: add the pool
     result = dict(system="slipstream", shape=shape, base=base, checkpointing=str(checkpointing), bsz=bsz, seq=seq,
                 max_memory_gib=max_memory_gib,
                 plan=None if plan is None else f"{plan.choice}:{plan.checkpointed_layers}" + ("+lean" * plan.lean),
                 step_s=round(med, 4), tok_s=round(bsz * seq / med), host_s=round(hosts[len(hosts) // 2], 4),
                 timed_steps=len(times), step_s_min=round(times[0], 4), step_s_max=round(times[-1], 4),
                 allocator_during_timed_steps=allocator, synchronising_calls=syncs,
-                peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                peak_gib=round(peak / 2**30, 2) if cuda else None,
+                allocator_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                graph_pool_gib=round(pool / 2**30, 3), graphs=graphs,
+                warm_peak_gib=round(warm_peak / 2**30, 2) if cuda and warm else None,
                 host_peak_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),  # KiB on Linux
                 first_step_s=round(tune_s, 1), loss_first=round(losses[0], 3), loss_last=round(losses[-1], 3),
                 chosen=_chosen(), device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
@@ -228,7 +240,9 @@ def main() -> None:
     ap.add_argument("--bsz", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warm", type=int, default=2)
+    ap.add_argument("--warm", type=int, default=4,
+                    help="untimed steps: the first tunes kernels, the second captures CUDA graphs, the third "
+                         "replays them for the first time (uploads them)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--prewarm-seq", type=int, default=0,
                     help="one untimed step at this sequence length first (long-context runs with --warm 0)")

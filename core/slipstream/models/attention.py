@@ -42,8 +42,9 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import weakref
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,22 @@ class _LayoutCache(threading.local):
 
 _CACHE = _LayoutCache()
 _CACHE_SIZE = 4  # full + sliding masks alternate in Gemma 2/3
+_PINNED_TENSORS: dict[int, weakref.ref] = {}
+_PINNED_LAYOUTS: dict = {}  # never evicted: CUDA graphs captured with these layouts read their tensors
+
+
+def pin_layouts(tensors: Iterable[torch.Tensor]) -> None:
+    """Keep every layout computed from one of ``tensors`` as long as the process runs, in every thread.
+
+    A CUDA graph (:mod:`slipstream.train.graphs`) captured with a packed layout reads its
+    ``cu_seqlens`` / ``keep`` tensors on every replay, so they must never be evicted and freed.
+    """
+    for t in tensors:
+        _PINNED_TENSORS[id(t)] = weakref.ref(t)
+
+
+def _pinned(tensors: tuple) -> bool:
+    return any(t is not None and (r := _PINNED_TENSORS.get(id(t))) is not None and r() is t for t in tensors)
 
 
 def _token(t: torch.Tensor | None) -> tuple:
@@ -153,11 +170,15 @@ def layout_for(
     s: int,
 ) -> Layout | str:
     key = (_token(mask), _token(position_ids), _token(cu_q), _token(cu_k), b, s)
-    hit = _CACHE.entries.get(key)
-    if hit is not None and all(x is y for x, y in zip(hit[0], (mask, position_ids, cu_q, cu_k), strict=True)):
+    tensors = (mask, position_ids, cu_q, cu_k)
+    hit = _PINNED_LAYOUTS.get(key) or _CACHE.entries.get(key)
+    if hit is not None and all(x is y for x, y in zip(hit[0], tensors, strict=True)):
         return hit[1]
     found = compute_layout(mask, position_ids, cu_q, cu_k, b, s)
-    _CACHE.entries[key] = ((mask, position_ids, cu_q, cu_k), found)
+    if _pinned(tensors):
+        _PINNED_LAYOUTS[key] = (tensors, found)
+        return found
+    _CACHE.entries[key] = (tensors, found)
     while len(_CACHE.entries) > _CACHE_SIZE:
         _CACHE.entries.popitem(last=False)
     return found

@@ -221,7 +221,8 @@ class FastModel:
                        target_modules: str | list[str] = "all-linear",
                        gradient_checkpointing: bool | str = "auto", *, bias: str = "none",
                        modules_to_save: list[str] | None = None, accelerate: bool = True,
-                       random_state: int = 0, verbose: bool = True, **lora_kwargs: Any) -> Any:
+                       random_state: int = 0, verbose: bool = True, cuda_graphs: bool | None = None,
+                       **lora_kwargs: Any) -> Any:
         """Add LoRA adapters with peft, route the model onto slipstream's ops, set checkpointing.
 
         ``target_modules="all-linear"`` means the seven Llama-style projections (q, k, v, o, gate,
@@ -230,6 +231,9 @@ class FastModel:
         in backward instead of kept), ``"offload"``, or ``"auto"`` (the memory planner picks; the
         Trainer plans again once it knows the batch size). ``random_state`` seeds the adapters'
         initialisation (the global RNG is left as it was), so the same call gives the same adapters.
+        ``cuda_graphs``: replay checkpointed layers from CUDA graphs (``None``: on CUDA devices unless
+        ``SLIPSTREAM_CUDA_GRAPHS=0``); they cut the host's work per step, for about one layer's
+        activations more device memory (see :mod:`slipstream.train.graphs`).
         """
         # bitsandbytes (imported by peft) warns at import that an optional CPU 4-bit kernel package is
         # missing; it is irrelevant unless training 4-bit on the CPU, where bitsandbytes works without it.
@@ -257,18 +261,19 @@ class FastModel:
             from slipstream.train.memory import plan_for_model
 
             seq = info.get("max_seq_length", 2048)
-            plan = plan_for_model(peft_model, batch=1, seq=seq)
+            plan = plan_for_model(peft_model, batch=1, seq=seq, graphs=cuda_graphs)
             if verbose:
                 print(f"{plan.describe()} (batch 1 x {seq}; the Trainer plans again for its batch)")
             applied = plan.apply(peft_model, verbose=verbose)
         else:
-            applied = apply_checkpointing(peft_model, gradient_checkpointing, verbose=verbose)
+            applied = apply_checkpointing(peft_model, gradient_checkpointing, verbose=verbose, graphs=cuda_graphs)
             if verbose and policy_name(gradient_checkpointing) != "none":
                 print(f"gradient checkpointing: {applied} (requested)")
         base = peft_model.get_base_model()
         stored = dict(getattr(base, INFO_ATTR, {}) or {})
         stored["gradient_checkpointing_requested"] = gradient_checkpointing
         stored["accelerate"] = accelerate
+        stored["cuda_graphs"] = cuda_graphs
         object.__setattr__(base, INFO_ATTR, stored)
         if verbose:
             trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)

@@ -51,12 +51,15 @@ leaves after loading.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 POLICIES = ("none", "lean", "partial", "checkpoint", "offload")
+GRAPHED = ("partial", "checkpoint", "offload")  # the policies whose checkpointed layers CUDA graphs replay
+GRAPH_POOL_FACTOR = 1.25  # pool measured / estimated (H100, W8B: 0.99 GiB for 0.80 GiB of layer temporaries)
 GIB = 2**30
 RESERVE_BYTES = {"cpu": 256 * 2**20}
 RESERVE_DEFAULT = 768 * 2**20
@@ -105,12 +108,15 @@ class MemoryPlan:
     extra: dict = field(default_factory=dict)
     checkpointed_layers: int | None = None  # decoder layers checkpointed: 0 (none, lean), k (partial), all (others)
     lean: bool = False  # the layers that are not checkpointed recompute their cheap outputs
+    graphs: bool = False  # checkpointed layers replay from CUDA graphs (their memory is in the needs)
 
     def describe(self) -> str:
         what = self.choice
         if self.choice == "partial":
             what = f"partial ({self.checkpointed_layers} of {self.extra.get('layers', '?')} layers checkpointed"
             what += ", the others lean)" if self.lean else ")"
+        if self.graphs and self.choice in GRAPHED:
+            what += " with CUDA graphs"
         return f"gradient checkpointing: {what} because {self.reason}"
 
     @property
@@ -123,7 +129,8 @@ class MemoryPlan:
         from slipstream.train.offload import apply_checkpointing
 
         layers = self.checkpointed_layers if self.choice == "partial" else None
-        return apply_checkpointing(model, self.checkpointing, layers=layers, lean=self.lean, verbose=verbose)
+        return apply_checkpointing(model, self.checkpointing, layers=layers, lean=self.lean, verbose=verbose,
+                                   graphs=self.graphs)
 
 
 def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes: int,
@@ -147,14 +154,37 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes:
 def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_bytes: int,
          host_free_bytes: int | None = None, device_type: str = "cuda", lora_r: int = 16,
          trainable_params: int = 0, fused_loss: bool = False, headroom: float = 0.9,
-         gated_op: bool = False, lean_elements: int = 0) -> MemoryPlan:
+         gated_op: bool = False, lean_elements: int = 0, graphs: bool = False) -> MemoryPlan:
     """Choose a policy: the first of none, lean, partial, checkpoint, offload whose need fits the budget.
 
     ``partial`` checkpoints the fewest layers that make the rest fit. ``lean`` is a candidate only
     when ``lean_elements`` (per token and layer) is positive; ``partial`` then keeps its other layers
     leanly. On the CPU there is nothing to offload to: ``offload`` is never chosen there. When
     nothing fits, the least memory-hungry policy available is chosen and the reason says so.
+    ``graphs``: checkpointed layers may replay from CUDA graphs, which adds to those policies' needs
+    (see :func:`graph_bytes`). They are used when the policy chosen without them also fits with them
+    (a partial plan may then checkpoint more layers); otherwise the plan goes without graphs rather
+    than to a policy that recomputes more.
     """
+    args = dict(batch=batch, seq=seq, dtype_bytes=dtype_bytes, free_bytes=free_bytes,
+                host_free_bytes=host_free_bytes, device_type=device_type, lora_r=lora_r,
+                trainable_params=trainable_params, fused_loss=fused_loss, headroom=headroom, gated_op=gated_op,
+                lean_elements=lean_elements)
+    plain = _plan_one(shape, graphs=False, **args)
+    if not graphs or plain.choice not in GRAPHED:
+        return plain
+    graphed = _plan_one(shape, graphs=True, **args)
+    if graphed.choice == plain.choice and graphed.extra["fits"]:
+        return graphed
+    extra = graphed.extra["graph_bytes"]
+    return dataclasses.replace(plain, reason=plain.reason + f" (without CUDA graphs: they would need "
+                                                           f"{extra / GIB:.2f} GiB more)")
+
+
+def _plan_one(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_bytes: int,
+              host_free_bytes: int | None, device_type: str, lora_r: int, trainable_params: int,
+              fused_loss: bool, headroom: float, gated_op: bool, lean_elements: int, graphs: bool) -> MemoryPlan:
+
     t = batch * seq
     per_layer = layer_activation_bytes(shape, batch, seq, dtype_bytes, lora_r, gated_op=gated_op)
     kept_layer = layer_activation_bytes(shape, batch, seq, dtype_bytes, lora_r, gated_op=gated_op,
@@ -168,18 +198,20 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
     budget = int(free_bytes * headroom)
     n = shape.layers
 
+    graph_extra = graph_bytes(kept_layer, workspace, layer_input, trainable_params) if graphs else 0
+
     def partial_need(k: int) -> int:
         # the peak is at the end of the forward, or while a checkpointed layer is recomputed (by then
         # the kept layers' activations are freed): the latter only matters for very long sequences
-        return max((n - k) * kept_layer, per_layer) + k * layer_input + fixed
+        return max((n - k) * kept_layer, per_layer) + k * layer_input + fixed + (graph_extra if k else 0)
 
     saved_per_layer = kept_layer - layer_input
-    over = partial_need(0) - budget
+    over = partial_need(0) + graph_extra - budget
     k = max(1, -(-over // saved_per_layer)) if saved_per_layer > 0 else n
     need = {
         "none": n * per_layer + fixed,
-        "checkpoint": n * layer_input + per_layer + fixed,
-        "offload": 2 * layer_input + kept_layer + fixed,  # the recompute runs lean
+        "checkpoint": n * layer_input + per_layer + fixed + graph_extra,
+        "offload": 2 * layer_input + kept_layer + fixed + graph_extra,  # the recompute runs lean
     }
     if lean_elements > 0:
         need["lean"] = n * kept_layer + fixed
@@ -194,6 +226,7 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
     def gib(nbytes: int) -> str:
         return f"{nbytes / GIB:.2f} GiB"
 
+    fits = True
     for choice in candidates:
         if need[choice] <= budget:
             if choice == "none":
@@ -210,7 +243,7 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
                           f"{choice} needs {gib(need[choice])}")
             break
     else:
-        choice = candidates[-1]
+        choice, fits = candidates[-1], False
         reason = (f"nothing fits: even {choice} needs {gib(need[choice])} of {gib(budget)} usable; "
                   f"lower the batch size or max_seq_length")
         if device_type == "cpu":
@@ -218,9 +251,21 @@ def plan(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free_byte
     return MemoryPlan(choice, reason, per_layer, need, free_bytes, budget, host_free_bytes, host_need,
                       device_type, t,
                       {"fixed_bytes": fixed, "logits_bytes": logits, "layer_input_bytes": layer_input, "layers": n,
-                       "lean_layer_bytes": kept_layer, "workspace_bytes": workspace},
+                       "lean_layer_bytes": kept_layer, "workspace_bytes": workspace, "graph_bytes": graph_extra,
+                       "fits": fits},
                       checkpointed_layers={"none": 0, "lean": 0, "partial": k}.get(choice, n),
-                      lean=choice in ("lean", "partial") and lean_elements > 0)
+                      lean=choice in ("lean", "partial") and lean_elements > 0, graphs=graphs and choice in GRAPHED)
+
+
+def graph_bytes(kept_layer: int, workspace: int, layer_input: int, trainable_params: int) -> int:
+    """Device memory CUDA graphs of checkpointed layers hold for the whole run (bytes).
+
+    Their shared pool keeps one layer's recompute + backward temporaries (a lean layer plus the
+    backward workspace, times :data:`GRAPH_POOL_FACTOR` measured on the H100), the static inputs and
+    outputs (four layer inputs) and one gradient buffer per trainable parameter (fp32), which without
+    graphs exists only from the backward to the optimiser step.
+    """
+    return int(GRAPH_POOL_FACTOR * (kept_layer + workspace)) + 4 * layer_input + 4 * trainable_params
 
 
 def host_free_bytes() -> int | None:
@@ -250,12 +295,17 @@ def device_free_bytes(device: torch.device) -> int:
 
 
 def plan_for_model(model: torch.nn.Module, *, batch: int, seq: int, free_bytes: int | None = None,
-                   lora_r: int | None = None, max_memory_gib: float | None = None) -> MemoryPlan:
+                   lora_r: int | None = None, max_memory_gib: float | None = None,
+                   graphs: bool | None = None) -> MemoryPlan:
     """Plan for a loaded (peft) model: reads its config, device, dtype, rank and trainable size.
 
     ``max_memory_gib`` caps the whole process's device memory (weights included, GiB): the planner
     then budgets what the cap leaves after what is already allocated, if that is less than free.
+    ``graphs``: whether checkpointed layers use CUDA graphs (``None``: where the device has them,
+    see :func:`slipstream.train.graphs.enabled_for`).
     """
+    from slipstream.train.graphs import enabled_for
+
     param = next(model.parameters())
     device = param.device
     if free_bytes is None:
@@ -270,6 +320,7 @@ def plan_for_model(model: torch.nn.Module, *, batch: int, seq: int, free_bytes: 
     if lora_r is None:
         lora_r = next(iter(peft_config.values())).r if peft_config else 16
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    graphs = enabled_for(device) if graphs is None else graphs and enabled_for(device)
     from slipstream.train.fast_model import uses_fused_loss
 
     gated, lean = lean_elements(model)
@@ -277,7 +328,7 @@ def plan_for_model(model: torch.nn.Module, *, batch: int, seq: int, free_bytes: 
                 free_bytes=free_bytes,
                 host_free_bytes=host_free_bytes(), device_type=device.type, lora_r=lora_r,
                 trainable_params=trainable, fused_loss=uses_fused_loss(model), gated_op=gated,
-                lean_elements=lean)
+                lean_elements=lean, graphs=graphs)
 
 
 def lean_elements(model: torch.nn.Module) -> tuple[bool, int]:

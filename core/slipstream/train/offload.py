@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from slipstream.train.graphs import LayerGraphs, enabled_for
 from slipstream.train.recompute import lean_activations, lean_forward, recomputing_layer
 
 POLICY_NAMES = {False: "none", None: "none", True: "checkpoint", "none": "none", "lean": "lean",
@@ -52,14 +53,16 @@ def checkpoint_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, layers: int | None = None,
-                        lean: bool = False, force_offload: bool = False, verbose: bool = True) -> str:
+                        lean: bool = False, force_offload: bool = False, verbose: bool = True,
+                        graphs: bool | None = None) -> str:
     """Set ``policy`` (False/True/"lean"/"offload", or a policy name) on ``model``'s decoder layers.
 
     ``layers`` limits checkpointing to the first ``layers`` decoder layers (the memory planner's
     ``partial`` policy); the others keep their activations, leanly if ``lean`` (``"lean"`` is
     ``lean`` for every layer). Returns the policy applied (``"none"``, ``"lean"``,
     ``"checkpoint"`` or ``"offload"``). ``force_offload`` runs the offloading code path on the CPU
-    too (tests), where it copies into host memory.
+    too (tests), where it copies into host memory. ``graphs``: replay checkpointed layers from CUDA
+    graphs (``None``: on CUDA unless ``SLIPSTREAM_CUDA_GRAPHS=0``; see :mod:`slipstream.train.graphs`).
     """
     name = policy_name(policy)
     all_layers = checkpoint_layers(model)
@@ -75,10 +78,12 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
                   "(activations already live in host memory)")
         name = "checkpoint"
     func: Callable | None = None
+    use_graphs = enabled_for(device) if graphs is None else graphs and enabled_for(device)
     if name == "checkpoint":
-        func = plain_checkpoint
+        # with CUDA graphs: the offload path without the offload, which replays layers from graphs
+        func = OffloadedCheckpoint(device, offload=False, graphs=True) if use_graphs else plain_checkpoint
     elif name == "offload":
-        func = OffloadedCheckpoint(device)
+        func = OffloadedCheckpoint(device, graphs=use_graphs)
     lean = lean or name == "lean"
     for i, layer in enumerate(all_layers):
         checkpointed = func is not None and (layers is None or i < layers)
@@ -132,15 +137,20 @@ def _recompute_contexts() -> tuple[object, object]:
 class _Saved:
     """One layer input, held in host memory between forward and backward."""
 
-    def __init__(self, device: torch.device, stream: object | None, prev: _Saved | None) -> None:
+    def __init__(self, device: torch.device, stream: object | None, prev: _Saved | None, keep: bool = False) -> None:
         self.device = device
         self.stream = stream
         self.prev = prev
+        self.keep = keep
         self.host: torch.Tensor | None = None
         self.back: torch.Tensor | None = None
         self.ready: object | None = None
 
     def offload(self, x: torch.Tensor) -> None:
+        if self.keep:  # checkpointing without offload: the input stays where it is
+            self.host = self.back = x.detach()
+            self.stream = None
+            return
         if self.stream is None:  # CPU (tests): a plain copy
             self.host = x.detach().clone()
             return
@@ -178,8 +188,8 @@ class _Saved:
 
 class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, saved, _anchor, hidden, *args):
-        ctx.run, ctx.saved, ctx.args = run, saved, args
+    def forward(ctx, run, saved, graphs, _anchor, hidden, *args):
+        ctx.run, ctx.saved, ctx.args, ctx.graphs = run, saved, args, graphs
         ctx.hidden_grad = hidden.requires_grad
         ctx.device = hidden.device
         ctx.cpu_rng = torch.get_rng_state()
@@ -189,8 +199,11 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.autocast = {t: (torch.is_autocast_enabled(t), torch.get_autocast_dtype(t))
                         for t in {"cpu", hidden.device.type}}
         saved.offload(hidden)  # starts the copy on the side stream; it overlaps the layer's compute
+        ctx.call = graphs.describe(run, hidden, args) if graphs is not None else None
         with torch.no_grad():
-            out = run(hidden, *args)
+            out = graphs.forward(ctx.call, hidden) if ctx.call is not None else None
+            if out is None:
+                out = run(hidden, *args)
         return out
 
     @staticmethod
@@ -200,20 +213,34 @@ class _OffloadedLayer(torch.autograd.Function):
             saved.prev.prefetch()  # overlap the previous layer's copy-back with this layer's recompute
         x = saved.fetch().detach().requires_grad_(ctx.hidden_grad)
         saved.prev = None
+        skip = (None, None, None, None)
+        if ctx.call is not None:
+            done, gx = ctx.graphs.backward(ctx.call, x, grads[0], ctx.hidden_grad,
+                                           lambda: _recompute_scope(ctx.autocast))
+            if done:
+                return (*skip, gx, *([None] * len(ctx.args)))
         devices = [ctx.device.index or 0] if ctx.dev_rng is not None else []
         with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.dev_rng is not None:
                 torch.get_device_module(ctx.device).set_rng_state(ctx.dev_rng, ctx.device)
             # the recomputed layer's activations live until its backward below is done: keep them leanly
-            with torch.enable_grad(), _autocast(ctx.autocast), lean_activations(), recomputing_layer():
+            with _recompute_scope(ctx.autocast):
                 out = ctx.run(x, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads, strict=False)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (None, None, None, x.grad if ctx.hidden_grad else None, *([None] * len(ctx.args)))
+        return (*skip, x.grad if ctx.hidden_grad else None, *([None] * len(ctx.args)))
+
+
+@contextmanager
+def _recompute_scope(autocast_states: dict) -> Iterator[None]:
+    """Around a layer's recompute in backward: autograd on, the forward's autocast, lean activations
+    (the recomputed layer's activations live until its backward is done: keep them leanly)."""
+    with torch.enable_grad(), _autocast(autocast_states), lean_activations(), recomputing_layer():
+        yield
 
 
 class _autocast:
@@ -235,14 +262,21 @@ class OffloadedCheckpoint:
     Parameters used by the layer get their gradients accumulated during the recompute (as with
     reentrant checkpointing). A layer called with a tensor argument that needs a gradient other
     than its first positional one falls back to plain checkpointing.
+
+    ``offload=False`` keeps the input on the device instead (plain checkpointing through the same
+    path). On CUDA the layers' forward and recompute + backward are replayed from CUDA graphs
+    (:mod:`slipstream.train.graphs`) unless ``graphs=False`` or ``SLIPSTREAM_CUDA_GRAPHS=0``.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, *, offload: bool = True, graphs: bool | None = None) -> None:
         self.device = torch.device(device)
+        self.offload = offload
         self.stream = None
-        if self.device.type != "cpu":
+        if self.device.type != "cpu" and offload:
             self.stream = torch.get_device_module(self.device).Stream(self.device)
         self._last: tuple[weakref.ref, _Saved] | None = None
+        use_graphs = enabled_for(self.device) if graphs is None else graphs and enabled_for(self.device)
+        self.graphs: LayerGraphs | None = LayerGraphs(self.device) if use_graphs else None
 
     def __call__(self, function: Callable, *args: object, **kwargs: object) -> object:
         hidden = args[0] if args else None
@@ -252,14 +286,35 @@ class OffloadedCheckpoint:
         prev = None
         if self._last is not None and self._last[0]() is hidden:
             prev = self._last[1]
-        saved = _Saved(hidden.device, self.stream, prev)
+        saved = _Saved(hidden.device, self.stream, prev, keep=not self.offload)
         anchor = torch.empty(0, requires_grad=True)  # keeps backward reachable when nothing else needs grad
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = _OffloadedLayer.apply(function, saved, anchor, hidden, *args[1:])
+            out = _OffloadedLayer.apply(function, saved, self.graphs, anchor, hidden, *args[1:])
         first = out if isinstance(out, torch.Tensor) else out[0]
         self._last = (weakref.ref(first), saved)
         return out
+
+
+def graph_report(model: torch.nn.Module) -> dict | None:
+    """What the CUDA graphs of ``model``'s checkpointed layers did (captures, replays, eager calls and
+    why, failures, pool bytes); ``None`` when no layer is graphed."""
+    found = {}
+    for layer in checkpoint_layers(model):
+        graphs = getattr(getattr(layer, "_gradient_checkpointing_func", None), "graphs", None)
+        if graphs is not None:
+            found[id(graphs)] = graphs
+    if not found:
+        return None
+    total: dict = {"captures": 0, "replays": 0, "eager": {}, "failed": [], "pool_bytes": 0}
+    for graphs in found.values():
+        one = graphs.report()
+        for k in ("captures", "replays", "pool_bytes"):
+            total[k] += one[k]
+        for reason, n in one["eager"].items():
+            total["eager"][reason] = total["eager"].get(reason, 0) + n
+        total["failed"] += one["failed"]
+    return total
 
 
 def _needs_grad(values) -> bool:
@@ -271,4 +326,5 @@ def _needs_grad(values) -> bool:
     return False
 
 
-__all__ = ["OffloadedCheckpoint", "apply_checkpointing", "checkpoint_layers", "current_policy", "policy_name"]
+__all__ = ["OffloadedCheckpoint", "apply_checkpointing", "checkpoint_layers", "current_policy", "graph_report",
+           "policy_name"]

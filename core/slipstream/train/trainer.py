@@ -367,7 +367,7 @@ class Trainer:
         from slipstream.train.memory import plan_for_model
 
         plan = plan_for_model(self.model, batch=self.config.batch_size, seq=self.max_length,
-                              max_memory_gib=self.config.max_memory_gib)
+                              max_memory_gib=self.config.max_memory_gib, graphs=info.get("cuda_graphs"))
         self.log(f"{plan.describe()} (batch {self.config.batch_size} x {self.max_length})")
         plan.apply(self.model, verbose=self.verbose)
 

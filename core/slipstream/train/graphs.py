@@ -1,0 +1,461 @@
+"""CUDA graphs for checkpointed decoder layers: each layer's forward and its recompute + backward replayed.
+
+Why: a checkpointed LoRA step enqueues ~80 kernels per decoder layer and pass, each through Python
+(transformers' and peft's module code, our dispatcher, autograd). On the H100 that host work took
+longer than the GPU's (W8B: ~0.45 s of host time for ~0.33 s of GPU work per step), so the GPU
+idled. A checkpointed layer is a closed piece of work, which makes it a good unit to capture once
+and replay:
+
+- forward: ``layer(hidden, **kwargs)`` under ``no_grad`` (nothing is saved for backward);
+- backward: the recompute under autograd plus ``torch.autograd.grad`` for the layer input and its
+  trainable parameters (the LoRA adapters).
+
+Each replay is one launch instead of ~80. The graphs of all layers share one memory pool, and they
+never run at the same time, so the pool is as large as one layer's temporaries. Inputs and outputs
+go through static buffers shared by the layers of one shape. Parameter gradients are added, inside
+the graph, into one persistent buffer per parameter that becomes its ``.grad``. What ``.grad`` held
+before is respected: ``None`` starts from zero, the buffer itself keeps accumulating (gradient
+accumulation), and any other tensor gets the layer's gradient added.
+
+A graph replays the kernels of its capture: the same implementations, the same host-side decisions.
+So a graph is only used when every input that steers host-side decisions is unchanged. Its key holds
+shapes, dtypes and strides, the non-tensor arguments, autocast and the layer's trainable parameters.
+Integer and boolean tensors (position ids, masks), and any tensor other than the rotary cos/sin, must
+equal the captured contents. That check costs one synchronisation per tensor per step; a mismatch
+(a new packing layout) runs the layer eagerly. The rotary cos/sin and the hidden states are plain
+data and are copied in.
+
+When graphs are not used: ``SLIPSTREAM_CUDA_GRAPHS=0``; a device without CUDA graphs; a layer
+with active dropout (a replay would draw other random numbers than the forward did); arguments a
+graph can't take (caches, tensors needing a gradient besides the hidden states). A layer shape is
+also run eagerly for its first call (that call tunes the kernels). If a capture fails, that layer
+shape runs eagerly from then on, with one warning that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from slipstream.models.attention import pin_layouts
+
+_REPORTED: set[str] = set()
+EAGER_CALLS = 1  # eager calls of a layer shape before its capture: the first call tunes the kernels
+POOL_INPUTS = 32  # a layer's graph pool, in layer inputs (H100, W8B bf16: 0.99 GiB = 31 inputs of 32 MiB)
+MAX_SHAPES = 4  # call shapes graphed per model (each holds static buffers); more shapes run eagerly
+DATA_KWARGS = ("position_embeddings",)  # floating tensors in these are plain data: copied, never compared
+
+
+def enabled_for(device: torch.device) -> bool:
+    """Whether layers on ``device`` may be graphed (``SLIPSTREAM_CUDA_GRAPHS=0`` turns it off)."""
+    if os.environ.get("SLIPSTREAM_CUDA_GRAPHS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+class Ungraphable(Exception):
+    """The call can't be replayed from a graph; the message says why."""
+
+
+@dataclass
+class LayerCall:
+    """One checkpointed layer call, split into what a graph needs: the layer, its function, the
+    keyword arguments and the key of everything that must match for a replay."""
+
+    layer: torch.nn.Module
+    func: Callable
+    fargs: tuple
+    kwargs: dict
+    rest: tuple
+    key: tuple
+    params: list[torch.Tensor]
+
+    def run(self, hidden: torch.Tensor, kwargs: dict | None = None) -> object:
+        return self.func(*self.fargs, hidden, *self.rest, **(self.kwargs if kwargs is None else kwargs))
+
+
+def layer_of(function: Callable) -> torch.nn.Module | None:
+    """The module a transformers checkpointing partial runs: ``partial(forward, layer, **kw)``
+    (transformers >= 5.2x) or ``partial(layer.__call__, **kw)`` (earlier)."""
+    if not isinstance(function, functools.partial):
+        return None
+    if function.args and isinstance(function.args[0], torch.nn.Module):
+        return function.args[0]
+    owner = getattr(function.func, "__self__", None)
+    return owner if isinstance(owner, torch.nn.Module) else None
+
+
+def dropout_in(layer: torch.nn.Module) -> str:
+    """``""`` if ``layer`` draws no random numbers in training mode, else which module does."""
+    for name, module in layer.named_modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0 and module.training:
+            return f"{name or type(module).__name__} (p={module.p})"
+        p = getattr(module, "attention_dropout", 0.0)
+        if isinstance(p, float) and p > 0 and module.training:
+            return f"{name}.attention_dropout (p={p})"
+    return ""
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype, t.stride(), t.device, t.requires_grad)
+
+
+def _arg_key(name: str, value: object) -> object:
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    if isinstance(value, torch.Tensor):
+        return _tensor_key(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_arg_key(name, v) for v in value)
+    raise Ungraphable(f"keyword argument {name!r} is a {type(value).__name__}")
+
+
+def _tensors(value: object) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _rebuild(value: object, replace: Callable[[torch.Tensor], torch.Tensor]) -> object:
+    if isinstance(value, torch.Tensor):
+        return replace(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rebuild(v, replace) for v in value)
+    return value
+
+
+def _autocast_key(device_type: str) -> tuple:
+    return tuple((t, torch.is_autocast_enabled(t), torch.get_autocast_dtype(t)) for t in ("cpu", device_type))
+
+
+class _Slot:
+    """A static tensor standing in for one keyword tensor; ``data`` slots are copied, others compared."""
+
+    def __init__(self, source: torch.Tensor, data: bool) -> None:
+        self.static = source.detach().clone()
+        self.data = data
+        self._last: tuple[weakref.ref, int] | None = (weakref.ref(source), source._version)
+
+    def load(self, source: torch.Tensor) -> bool:
+        """Make the static tensor stand for ``source``; ``False`` if a replay can't (contents differ)."""
+        last = self._last
+        if last is not None and last[0]() is source and last[1] == source._version:
+            return True
+        if self.data:
+            self.static.copy_(source)
+        elif not torch.equal(self.static, source):  # synchronises: once per tensor per step
+            self._last = None
+            return False
+        self._last = (weakref.ref(source), source._version)
+        return True
+
+
+@dataclass
+class _Statics:
+    """Static buffers shared by the graphs of every layer with one call shape."""
+
+    hidden: torch.Tensor
+    out: torch.Tensor
+    grad_in: torch.Tensor
+    grad_out: torch.Tensor
+    slots: dict[str, object] = field(default_factory=dict)  # keyword name -> _Slot / nested / value
+
+    def kwargs(self) -> dict:
+        return {name: _static_of(v) for name, v in self.slots.items()}
+
+
+@dataclass
+class _Entry:
+    forward: torch.cuda.CUDAGraph | None = None
+    backward: torch.cuda.CUDAGraph | None = None
+    params: list[torch.Tensor] = field(default_factory=list)  # the parameters the backward graph writes
+    acc: list[torch.Tensor] = field(default_factory=list)  # their gradient buffers
+    calls: int = 0
+    backward_calls: int = 0
+    failed: str = ""
+
+
+class LayerGraphs:
+    """Captures and replays the checkpointed layers of one model on one CUDA device."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pool: tuple | None = None
+        self.entries: dict[tuple, _Entry] = {}
+        self.statics: dict[tuple, _Statics] = {}
+        self.acc: dict[tuple, list[torch.Tensor]] = {}  # (layer, parameters) -> gradient buffers, for all shapes
+        self.replays = 0
+        self.captures = 0
+        self.skipped: dict[str, int] = {}  # why calls ran eagerly -> how often
+        self._dropout: dict[int, str] = {}
+
+    @property
+    def pool(self) -> tuple:
+        """The memory pool all of this model's layer graphs share (made on the first capture)."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    # ------------------------------------------------------------------ call description
+    def describe(self, function: Callable, hidden: torch.Tensor, rest: tuple) -> LayerCall | None:
+        """The :class:`LayerCall` for ``function(hidden, *rest)``, or ``None`` (it runs eagerly)."""
+        try:
+            return self._describe(function, hidden, rest)
+        except Ungraphable as exc:
+            self._skip(str(exc))
+            return None
+
+    def _describe(self, function: Callable, hidden: torch.Tensor, rest: tuple) -> LayerCall:
+        layer = layer_of(function)
+        if layer is None:
+            raise Ungraphable("not a transformers layer call")
+        if rest:
+            raise Ungraphable("positional arguments besides the hidden states")
+        if not hidden.is_contiguous():
+            raise Ungraphable("non-contiguous hidden states")
+        reason = self._dropout.get(id(layer))
+        if reason is None:
+            reason = self._dropout[id(layer)] = dropout_in(layer)
+        if reason:
+            raise Ungraphable(f"dropout in {reason}")
+        kwargs = dict(function.keywords)
+        key_args = tuple(sorted((name, _arg_key(name, v)) for name, v in kwargs.items()))
+        if any(t.requires_grad for t in _tensors(list(kwargs.values()))):
+            raise Ungraphable("a keyword tensor needs a gradient")
+        params = [p for p in layer.parameters() if p.requires_grad]
+        key = (id(layer), layer.training, _tensor_key(hidden), key_args, _autocast_key(hidden.device.type),
+               tuple(id(p) for p in params))
+        fargs = function.args
+        return LayerCall(layer, function.func, fargs, kwargs, rest, key, params)
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def _shape_key(self, call: LayerCall) -> tuple:
+        return call.key[1:5]
+
+    def _load(self, call: LayerCall, statics: _Statics) -> bool:
+        """Point ``statics`` ' keyword slots at this call's tensors; ``False`` if a replay can't."""
+        for name, value in call.kwargs.items():
+            slot = statics.slots[name]
+            if isinstance(slot, _Slot):
+                if not slot.load(value):
+                    return False
+            elif isinstance(value, (tuple, list)):
+                for s, v in zip(_flat_slots(slot), _tensors(value), strict=True):
+                    if not s.load(v):
+                        return False
+        return True
+
+    def _check_room(self, hidden: torch.Tensor) -> None:
+        """Refuse a capture whose pool would not fit next to what the eager step needs (long sequences)."""
+        need = POOL_INPUTS * hidden.numel() * hidden.element_size()
+        free, _ = torch.cuda.mem_get_info(hidden.device)
+        free += torch.cuda.memory_reserved(hidden.device) - torch.cuda.memory_allocated(hidden.device)
+        if need > free:
+            raise Ungraphable(f"not enough free device memory for the graph pool (about {need / 2**30:.1f} GiB "
+                              f"needed, {free / 2**30:.1f} GiB free)")
+
+    def _statics_for(self, call: LayerCall, hidden: torch.Tensor, out: torch.Tensor) -> _Statics:
+        key = self._shape_key(call)
+        statics = self.statics.get(key)
+        if statics is None:
+            if len(self.statics) >= MAX_SHAPES:
+                raise Ungraphable(f"more than {MAX_SHAPES} call shapes")
+            statics = _Statics(hidden=torch.empty_like(hidden), out=torch.empty_like(out),
+                               grad_in=torch.empty_like(out), grad_out=torch.empty_like(hidden))
+            for name, value in call.kwargs.items():
+                data = name in DATA_KWARGS
+                statics.slots[name] = _rebuild(value, lambda t, d=data: _Slot(t, d and t.is_floating_point()))
+            pin_layouts(s.static for v in statics.slots.values() for s in _flat_slots(v))
+            self.statics[key] = statics
+        return statics
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, call: LayerCall, hidden: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output from its graph (captured on this call if due), or ``None``: run eagerly."""
+        entry = self.entries.setdefault(call.key, _Entry())
+        if entry.failed:
+            return None
+        statics = self.statics.get(self._shape_key(call))
+        if entry.forward is not None and statics is not None:
+            if not self._load(call, statics):
+                self._skip("keyword tensors differ from the captured ones (e.g. a new packing layout)")
+                return None
+            statics.hidden.copy_(hidden)
+            entry.forward.replay()
+            self.replays += 1
+            return statics.out.clone()
+        entry.calls += 1
+        if entry.calls <= EAGER_CALLS:
+            return None
+        return self._capture_forward(call, entry, hidden)
+
+    def _capture_forward(self, call: LayerCall, entry: _Entry, hidden: torch.Tensor) -> torch.Tensor | None:
+        out = call.run(hidden)
+        if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
+            self._fail(entry, "the layer does not return one tensor shaped like its input")
+            return out
+        try:
+            self._check_room(hidden)
+            statics = self._statics_for(call, hidden, out)
+        except Ungraphable as exc:
+            self._skip(str(exc))
+            entry.failed = str(exc)
+            return out
+        if not self._load(call, statics):
+            return out
+        statics.hidden.copy_(hidden)
+        kwargs = statics.kwargs()
+        call.run(statics.hidden, kwargs)  # host-side caches (attention layouts) learn the static tensors
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with _quiet(), torch.cuda.graph(graph, pool=self.pool):
+                statics.out.copy_(call.run(statics.hidden, kwargs))
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run this layer eagerly
+            self._fail(entry, f"capturing the forward failed ({type(exc).__name__}: {exc})")
+            return out
+        entry.forward = graph
+        self.captures += 1
+        return out
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, call: LayerCall, x: torch.Tensor, grad: torch.Tensor, hidden_grad: bool,
+                 rerun: Callable[[], object]) -> tuple[bool, torch.Tensor | None]:
+        """Recompute and differentiate the layer through its graph: ``(True, grad of x)``, parameter
+        gradients accumulated. ``(False, None)``: the caller runs it eagerly. ``rerun`` enters the
+        contexts of the recompute (autocast, lean activations)."""
+        entry = self.entries.get(call.key)
+        statics = self.statics.get(self._shape_key(call))
+        if entry is None or entry.failed or statics is None or grad is None or grad.shape != statics.grad_in.shape:
+            return False, None
+        if entry.backward is not None:
+            if not self._load(call, statics):
+                return False, None
+            statics.hidden.copy_(x)
+            statics.grad_in.copy_(grad)
+            with self._accumulating(entry):
+                entry.backward.replay()
+            self.replays += 1
+            return True, statics.grad_out.clone() if hidden_grad else None
+        entry.backward_calls += 1
+        if entry.backward_calls <= EAGER_CALLS or not self._load(call, statics):
+            return False, None
+        return self._capture_backward(call, entry, statics, x, grad, hidden_grad, rerun)
+
+    def _differentiate(self, call: LayerCall, statics: _Statics, hidden_grad: bool,
+                       rerun: Callable[[], object]) -> tuple[torch.Tensor | None, list]:
+        kwargs = statics.kwargs()
+        with rerun():
+            xs = statics.hidden.detach().requires_grad_(hidden_grad)
+            out = call.run(xs, kwargs)
+        inputs = ([xs] if hidden_grad else []) + call.params
+        grads = torch.autograd.grad(out, inputs, statics.grad_in, allow_unused=True)
+        return (grads[0] if hidden_grad else None), list(grads[1:] if hidden_grad else grads)
+
+    def _capture_backward(self, call, entry, statics, x, grad, hidden_grad, rerun):
+        statics.hidden.copy_(x)
+        statics.grad_in.copy_(grad)
+        gx, grads = self._differentiate(call, statics, hidden_grad, rerun)  # this call's result
+        used = [(p, g) for p, g in zip(call.params, grads, strict=True) if g is not None]
+        entry.params = [p for p, _ in used]
+        acc_key = (call.key[0], tuple(id(p) for p in entry.params))
+        if acc_key not in self.acc:
+            self.acc[acc_key] = [torch.zeros_like(p) for p in entry.params]
+        entry.acc = self.acc[acc_key]
+        with self._accumulating(entry):
+            if entry.acc:
+                torch._foreach_add_(entry.acc, [g for _, g in used])
+        result = gx.clone() if gx is not None else None
+        del gx, grads, used
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with _quiet(), torch.cuda.graph(graph, pool=self.pool):
+                gx, grads = self._differentiate(call, statics, hidden_grad, rerun)
+                if gx is not None:
+                    statics.grad_out.copy_(gx)
+                grads = [g for g in grads if g is not None]
+                if len(grads) != len(entry.acc):
+                    raise Ungraphable("the parameters with gradients changed between two recomputes")
+                if grads:
+                    torch._foreach_add_(entry.acc, grads)
+                del gx, grads
+        except Exception as exc:  # noqa: BLE001
+            self._fail(entry, f"capturing the backward failed ({type(exc).__name__}: {exc})")
+            return True, result
+        entry.backward = graph
+        self.captures += 1
+        return True, result
+
+    @contextmanager
+    def _accumulating(self, entry: _Entry) -> Iterator[None]:
+        """Around a write into ``entry.acc``: start from zero unless every ``.grad`` already is its
+        buffer (accumulation); after it, hand the buffers out as ``.grad`` or add them to a foreign one."""
+        held = [p.grad for p in entry.params]
+        if not all(g is a for g, a in zip(held, entry.acc, strict=True)) and entry.acc:
+            torch._foreach_zero_(entry.acc)
+        yield
+        for p, g, a in zip(entry.params, held, entry.acc, strict=True):
+            if g is None:
+                p.grad = a
+            elif g is not a:
+                g.add_(a)
+
+    def _fail(self, entry: _Entry, reason: str) -> None:
+        entry.failed = reason
+        entry.forward = entry.backward = None
+        if reason not in _REPORTED:  # once per reason, on stderr: the layer still trains, only slower
+            _REPORTED.add(reason)
+            print(f"slipstream: a checkpointed layer runs without CUDA graphs: {reason}", file=sys.stderr)
+
+    def report(self) -> dict:
+        """Counters for logs and benchmarks: graphs captured, replays, why calls ran eagerly."""
+        failed = sorted({e.failed for e in self.entries.values() if e.failed})
+        return {"captures": self.captures, "replays": self.replays, "eager": dict(self.skipped), "failed": failed,
+                "pool_bytes": pool_bytes(self._pool) if self._pool is not None else 0}
+
+
+def _static_of(value: object) -> object:
+    if isinstance(value, _Slot):
+        return value.static
+    if isinstance(value, (tuple, list)):
+        return type(value)(_static_of(v) for v in value)
+    return value
+
+
+def _flat_slots(value: object) -> Iterable[_Slot]:
+    if isinstance(value, _Slot):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _flat_slots(v)
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def pool_bytes(pool: object) -> int:
+    """Bytes of device memory reserved by a graph memory pool (what its graphs' temporaries use)."""
+    try:
+        segments = torch.cuda.memory_snapshot()
+    except Exception:  # noqa: BLE001 - no CUDA
+        return 0
+    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == tuple(pool))
+
+
+__all__ = ["EAGER_CALLS", "LayerCall", "LayerGraphs", "Ungraphable", "dropout_in", "enabled_for", "layer_of",
+           "pool_bytes"]
