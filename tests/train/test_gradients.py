@@ -9,7 +9,7 @@ import torch
 
 from slipstream.train.config import TrainConfig
 from slipstream.train.data import IGNORE_INDEX
-from slipstream.train.offload import apply_checkpointing, checkpoint_layers
+from slipstream.train.offload import OffloadedCheckpoint, apply_checkpointing, checkpoint_layers
 from slipstream.train.packing import PackedCollator, pack
 from slipstream.train.recompute import lean_forward
 from slipstream.train.trainer import Trainer
@@ -93,7 +93,7 @@ def tiny_with_batch(tiny_dir, dropout: float = 0.0):
     return model, batch, grads
 
 
-@pytest.mark.parametrize("policy", [True, "offload", "partial", "partial_lean"])
+@pytest.mark.parametrize("policy", [True, "offload", "partial", "partial_lean", "keep"])
 def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
     model, _batch, grads = tiny_with_batch(tiny_dir, dropout=0.1)
     apply_checkpointing(model, False, verbose=False)
@@ -108,6 +108,11 @@ def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
         assert [layer.gradient_checkpointing for layer in layers] == [True] + [lean] * (len(layers) - 1)
         if lean:
             assert layers[1]._gradient_checkpointing_func is lean_forward
+    elif policy == "keep":  # the offload path with the input kept on the device (what CUDA graphs replay)
+        apply_checkpointing(model, True, verbose=False)
+        func = OffloadedCheckpoint(torch.device("cpu"), offload=False)
+        for layer in layers:
+            layer._gradient_checkpointing_func = func
     else:
         applied = apply_checkpointing(model, policy, force_offload=True, verbose=False)
         assert applied == ("checkpoint" if policy is True else "offload")

@@ -1,0 +1,191 @@
+"""CUDA graphs for checkpointed layers: the parts that run without a GPU (what a call's key holds,
+when a call can't be graphed, the gradient hand-over protocol, the memory planner's share, pinned
+attention layouts). Capture and replay themselves are tested on the GPU (tests/train/test_gpu.py)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from slipstream.models import attention as attn
+from slipstream.train import graphs as g
+from slipstream.train.memory import ModelShape, plan
+from slipstream.train.offload import OffloadedCheckpoint, apply_checkpointing, checkpoint_layers
+from tests.train.conftest import load_tiny
+
+
+def recorded_calls(model, ids) -> list:
+    """The (function, hidden) pairs transformers hands the checkpointing function, one per layer."""
+    calls = []
+
+    def record(function, *args):
+        calls.append((function, args[0]))
+        return function(*args)
+
+    for layer in checkpoint_layers(model):
+        layer.gradient_checkpointing = True
+        layer._gradient_checkpointing_func = record
+    model.train()
+    model(input_ids=ids, use_cache=False)
+    return calls
+
+
+def test_enabled_only_on_cuda_and_switchable(monkeypatch):
+    assert not g.enabled_for(torch.device("cpu"))
+    monkeypatch.setenv("SLIPSTREAM_CUDA_GRAPHS", "0")
+    assert not g.enabled_for(torch.device("cuda"))
+
+
+def test_layer_of_both_transformers_partials():
+    layer = torch.nn.Linear(2, 2)
+    assert g.layer_of(functools.partial(torch.nn.Linear.forward, layer)) is layer  # transformers >= 5.2x
+    assert g.layer_of(functools.partial(layer.__call__, x=1)) is layer  # earlier releases
+    assert g.layer_of(lambda x: x) is None
+    assert g.layer_of(functools.partial(print, 1)) is None
+
+
+def test_dropout_blocks_graphs():
+    block = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    assert "p=0.1" in g.dropout_in(block.train())
+    assert g.dropout_in(block.eval()) == ""
+    assert g.dropout_in(torch.nn.Sequential(torch.nn.Dropout(0.0)).train()) == ""
+    attention = torch.nn.Module()
+    attention.attention_dropout = 0.2
+    assert "attention_dropout" in g.dropout_in(attention.train())
+
+
+def test_key_follows_shapes_and_arguments(tiny_dir):
+    model, _ = load_tiny(tiny_dir, accelerate=True)
+    graphs = g.LayerGraphs(torch.device("cpu"))
+    short = recorded_calls(model, torch.randint(10, 500, (2, 16)))
+    again = recorded_calls(model, torch.randint(10, 500, (2, 16)))
+    longer = recorded_calls(model, torch.randint(10, 500, (2, 24)))
+    keys = [[graphs.describe(f, h, ()).key for f, h in calls] for calls in (short, again, longer)]
+    assert keys[0] == keys[1]  # new tensors, same shapes: the same graphs replay
+    assert len(set(keys[0])) == len(keys[0])  # one per layer
+    assert all(a != b for a, b in zip(keys[0], keys[2], strict=True))
+    call = graphs.describe(*short[0], ())
+    assert call.params and all(p.requires_grad for p in call.params)  # the LoRA adapters
+    assert "position_embeddings" in call.kwargs
+    assert graphs.skipped == {}
+
+
+def test_calls_a_graph_cant_take_run_eagerly(tiny_dir):
+    model, _ = load_tiny(tiny_dir, accelerate=True)
+    graphs = g.LayerGraphs(torch.device("cpu"))
+    function, hidden = recorded_calls(model, torch.randint(10, 500, (1, 8)))[0]
+    assert graphs.describe(function, hidden, (hidden,)) is None
+    with_cache = functools.partial(function.func, *function.args, **{**function.keywords, "past_key_values": object()})
+    assert graphs.describe(with_cache, hidden, ()) is None
+    cos, sin = function.keywords["position_embeddings"]
+    needs_grad = functools.partial(function.func, *function.args,
+                                   **{**function.keywords, "position_embeddings": (cos.requires_grad_(), sin)})
+    assert graphs.describe(needs_grad, hidden, ()) is None
+    assert graphs.describe(lambda x: x, hidden, ()) is None
+    assert set(graphs.skipped) == {"positional arguments besides the hidden states", "keyword argument "
+                                   "'past_key_values' is a object", "a keyword tensor needs a gradient",
+                                   "not a transformers layer call"}
+
+
+def test_dropout_layer_is_not_graphed(tiny_dir):
+    model, _ = load_tiny(tiny_dir, accelerate=True, dropout=0.1)
+    graphs = g.LayerGraphs(torch.device("cpu"))
+    function, hidden = recorded_calls(model, torch.randint(10, 500, (1, 8)))[0]
+    assert graphs.describe(function, hidden, ()) is None
+    assert any("dropout" in reason for reason in graphs.skipped)
+
+
+def test_slots_copy_data_and_compare_the_rest():
+    cos = torch.randn(3)
+    data = g._Slot(cos, data=True)
+    new_cos = torch.randn(3)
+    assert data.load(new_cos) and torch.equal(data.static, new_cos)
+    pos = torch.arange(4)
+    kept = g._Slot(pos, data=False)
+    assert kept.load(pos) and kept.load(torch.arange(4))  # equal contents replay
+    assert not kept.load(torch.tensor([0, 1, 0, 1]))  # another packing layout: eager
+    assert torch.equal(kept.static, torch.arange(4))  # a compared slot is never overwritten
+    changed = torch.arange(4)
+    assert kept.load(changed)
+    changed[2] = 0  # modified in place after it was checked: its version moved, so it is checked again
+    assert not kept.load(changed)
+
+
+def run_replay(entry, contribution):
+    with g.LayerGraphs._accumulating(None, entry):
+        torch._foreach_add_(entry.acc, contribution)
+
+
+def test_gradient_buffers_respect_what_grad_held():
+    p = torch.nn.Parameter(torch.zeros(3))
+    entry = g._Entry(params=[p], acc=[torch.zeros(3)])
+    one, two = torch.ones(3), torch.full((3,), 2.0)
+    run_replay(entry, [one])
+    assert p.grad is entry.acc[0] and torch.equal(p.grad, one)  # None: the buffer becomes .grad
+    run_replay(entry, [two])
+    assert torch.equal(p.grad, one + two)  # .grad is the buffer: gradient accumulation
+    p.grad = None  # zero_grad(set_to_none=True)
+    run_replay(entry, [two])
+    assert torch.equal(p.grad, two)  # the buffer restarted from zero
+    p.grad.zero_()  # zero_grad(set_to_none=False)
+    run_replay(entry, [one])
+    assert torch.equal(p.grad, one)
+    foreign = torch.full((3,), 5.0)
+    p.grad = foreign  # a gradient from elsewhere (e.g. an eager micro-batch)
+    run_replay(entry, [one])
+    assert p.grad is foreign and torch.equal(foreign, torch.full((3,), 6.0))
+    run_replay(entry, [one])
+    assert torch.equal(foreign, torch.full((3,), 7.0))  # the buffer was zeroed before each write
+
+
+LLAMA_8B = ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
+
+
+def planned(free_gib: float, graphs: bool):
+    return plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=int(free_gib * 2**30), device_type="cuda",
+                trainable_params=42_000_000, fused_loss=True, gated_op=True, lean_elements=2 * 4096 + 14336,
+                graphs=graphs)
+
+
+def test_planner_counts_graph_memory_and_drops_graphs_before_recomputing_more():
+    roomy, plain = planned(60, graphs=True), planned(60, graphs=False)
+    assert roomy.choice == plain.choice == "none" and not roomy.graphs
+    offload = planned(1.8, graphs=False)
+    assert offload.choice == "offload" and not offload.graphs
+    plain, graphed = planned(10, graphs=False), planned(10, graphs=True)
+    assert plain.choice == graphed.choice == "partial" and graphed.graphs and not plain.graphs
+    assert "with CUDA graphs" in graphed.describe()
+    assert graphed.checkpointed_layers > plain.checkpointed_layers  # the graphs' memory: fewer layers kept
+    extra = graphed.extra["graph_bytes"]
+    assert graphed.need_bytes["partial"] <= graphed.budget_bytes
+    # W8B: pool (measured 0.99 GiB), static buffers and fp32 gradient buffers: about 1.3 GiB
+    assert 1.1 * 2**30 < extra < 1.5 * 2**30
+    tight = planned(1.8, graphs=True)  # offload fits, offload with graphs does not: no graphs
+    assert tight.choice == "offload" and not tight.graphs and "without CUDA graphs" in tight.reason
+
+
+def test_cpu_offload_path_has_no_graphs(tiny_dir):
+    model, _ = load_tiny(tiny_dir, accelerate=True)
+    apply_checkpointing(model, "offload", force_offload=True, verbose=False, graphs=True)
+    func = checkpoint_layers(model)[0]._gradient_checkpointing_func
+    assert isinstance(func, OffloadedCheckpoint) and func.graphs is None
+
+
+def test_pinned_layouts_outlive_the_cache(monkeypatch):
+    computed = []
+    real = attn.compute_layout
+
+    def counting(*args):
+        computed.append(args[1])
+        return real(*args)
+
+    monkeypatch.setattr(attn, "compute_layout", counting)
+    pinned = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    attn.pin_layouts([pinned])
+    first = attn.layout_for(None, pinned, None, None, 1, 6)
+    assert first.packed and first.cu_seqlens is not None
+    for _ in range(3 * attn._CACHE_SIZE):  # more layouts than the cache keeps
+        attn.layout_for(None, torch.tensor([[0, 1, 0, 1, 2, 3]]), None, None, 1, 6)
+    assert attn.layout_for(None, pinned, None, None, 1, 6) is first  # a graph reading it finds it alive
+    assert sum(1 for t in computed if t is pinned) == 1
