@@ -32,7 +32,7 @@ def normalise(row: dict) -> dict:
         setting = "checkpointing on (offloaded)" if gc == "unsloth" else f"gradient checkpointing {gc}"
         return {"system": "Unsloth", "setting": setting, "base": "nf4" if row.get("load_in_4bit") else "bf16",
                 "tok_s": row.get("tok_s"), "peak_gib": row.get("peak_gib"), "step_s": row.get("step_s"),
-                "error": row.get("error"), "run": row.get("run", "-"), "raw": row}
+                "error": row.get("error"), "run": row.get("run", row.get("loan", "-")), "raw": row}
     if "variant" in row:
         name, base = PEER_NAMES.get(row["variant"], (row["variant"], "bf16"))
         return {"system": name, "setting": "checkpointing on", "base": base, "tok_s": row.get("tok_s"),
@@ -47,12 +47,16 @@ def normalise(row: dict) -> dict:
         # offloaded checkpointing is checkpointing (Unsloth's number in the issue is with its offloaded one)
         setting = {"true": "checkpointing on", "false": "no checkpointing",
                    "offload": "checkpointing on (offloaded)"}.get(policy, policy)
+    if (row.get("graphs") or {}).get("captures"):
+        setting += ", CUDA graphs"
+    elif "graphs" in row and policy in ("true", "offload", "auto"):
+        setting += ", no CUDA graphs"
     shape = (row.get("bsz", 2), row.get("seq", 2048))
     if shape != (2, 2048):
         setting = f"long context {shape[0]} x {shape[1]}, {setting}"
     return {"system": "slipstream", "setting": setting, "base": row.get("base", "bf16"), "tok_s": row.get("tok_s"),
             "peak_gib": row.get("peak_gib"), "step_s": row.get("step_s"), "error": row.get("error"),
-            "run": row.get("run", "-"), "long": shape != (2, 2048), "raw": row}
+            "run": row.get("run", row.get("loan", "-")), "long": shape != (2, 2048), "raw": row}
 
 
 def long_context_lines(rows: list[dict]) -> list[str]:
