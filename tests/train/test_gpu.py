@@ -171,3 +171,46 @@ def test_cuda_graphs_train_like_eager(tmp_path, policy):
     assert report is not None and not report["failed"], report
     assert report["captures"] == 2 * 3 and report["replays"] > 0, report  # forward + backward per layer
     assert any("packing" in reason for reason in report["eager"]), report
+
+
+def test_cuda_graphs_give_up_on_changing_packing_layouts(tmp_path):
+    """Packed batches whose layout changes every step can't replay: after a few calls the graphs are
+    dropped (memory given back, no more per-step comparisons) and training goes on eagerly, unchanged."""
+    from slipstream.train.graphs import MISMATCHES
+    from slipstream.train.offload import checkpoint_layers, graph_report
+
+    layers = 3
+    model, _ = gpu_model(tmp_path, torch.float32, num_hidden_layers=layers)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    perturb_lora_b(model, gen)
+    batches = [PackedCollator(0)(fresh_rows(2, 96, gen)) for _ in range(2 + MISMATCHES + 2)]
+    width = min(b["input_ids"].shape[1] for b in batches)  # one shape, a different packing layout each
+    batches = [{k: v[:, :width].cuda() for k, v in b.items()} for b in batches]
+    schedule = [batches[0], *batches]  # the second call captures, the next MISMATCHES can't replay
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def train(graphs: bool) -> dict:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        apply_checkpointing(model, "offload", verbose=False, graphs=graphs)
+        for batch in schedule:
+            model(**batch, use_cache=False).loss.backward()
+        torch.cuda.synchronize()
+        grads = lora_grads(model)
+        model.zero_grad(set_to_none=True)
+        return grads
+
+    eager = train(graphs=False)
+    graphed = train(graphs=True)
+    assert_grads_close(graphed, eager, rtol=1e-5, atol=1e-7)
+    report = graph_report(model)
+    # forwards captured on the second call; each backward is captured on the call after its forward
+    # (its first call with the static buffers in place), a call that never replays here
+    assert report["captures"] == layers, report
+    assert len(report["failed"]) == 1 and "packed batches" in report["failed"][0], report
+    differ = [n for reason, n in report["eager"].items() if "differ" in reason]
+    assert differ == [MISMATCHES * layers], report  # then no more comparisons
+    graphs = checkpoint_layers(model)[0]._gradient_checkpointing_func.graphs
+    assert graphs.statics == {} and graphs._pool is None  # the static buffers and the pool are let go

@@ -112,6 +112,18 @@ def test_slots_copy_data_and_compare_the_rest():
     assert not kept.load(changed)
 
 
+def test_a_verdict_costs_one_comparison_per_tensor(monkeypatch):
+    compared = []
+    real = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compared.append(1) or real(a, b))
+    slot = g._Slot(torch.arange(4), data=False)
+    other = torch.tensor([0, 1, 0, 1])
+    assert [slot.load(other) for _ in range(32)] == [False] * 32  # 32 layers, one packed step
+    fine = torch.arange(4)
+    assert all(slot.load(fine) for _ in range(32))
+    assert len(compared) == 2
+
+
 def run_replay(entry, contribution):
     with g.LayerGraphs._accumulating(None, entry):
         torch._foreach_add_(entry.acc, contribution)

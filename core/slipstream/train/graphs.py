@@ -22,14 +22,17 @@ So a graph is only used when every input that steers host-side decisions is unch
 shapes, dtypes and strides, the non-tensor arguments, autocast and the layer's trainable parameters.
 Integer and boolean tensors (position ids, masks), and any tensor other than the rotary cos/sin, must
 equal the captured contents. That check costs one synchronisation per tensor per step; a mismatch
-(a new packing layout) runs the layer eagerly. The rotary cos/sin and the hidden states are plain
-data and are copied in.
+(a new packing layout) runs the layer eagerly; after 3 such calls in a row (packed batches whose
+layout changes every step) the graphs are dropped, their memory given back and the comparisons
+stop. The rotary cos/sin and the hidden states are plain data and are copied in.
 
 When graphs are not used: ``SLIPSTREAM_CUDA_GRAPHS=0``; a device without CUDA graphs; a layer
 with active dropout (a replay would draw other random numbers than the forward did); arguments a
-graph can't take (caches, tensors needing a gradient besides the hidden states). A layer shape is
-also run eagerly for its first call (that call tunes the kernels). If a capture fails, that layer
-shape runs eagerly from then on, with one warning that says why.
+graph can't take (caches, tensors needing a gradient besides the hidden states); more than 4 shapes;
+too little free memory for the pool (long sequences). A layer shape also runs eagerly for its first
+call (that call tunes the kernels): its forward is captured on the second call, its backward on the
+call after that (the first with the static buffers in place). If a capture fails, that layer shape
+runs eagerly from then on, with one line on stderr that says why.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ _REPORTED: set[str] = set()
 EAGER_CALLS = 1  # eager calls of a layer shape before its capture: the first call tunes the kernels
 POOL_INPUTS = 32  # a layer's graph pool, in layer inputs (H100, W8B bf16: 0.99 GiB = 31 inputs of 32 MiB)
 MAX_SHAPES = 4  # call shapes graphed per model (each holds static buffers); more shapes run eagerly
+MISMATCHES = 3  # calls in a row whose keyword contents differ from the capture's: the graphs are dropped
 DATA_KWARGS = ("position_embeddings",)  # floating tensors in these are plain data: copied, never compared
 
 
@@ -144,20 +148,22 @@ class _Slot:
     def __init__(self, source: torch.Tensor, data: bool) -> None:
         self.static = source.detach().clone()
         self.data = data
-        self._last: tuple[weakref.ref, int] | None = (weakref.ref(source), source._version)
+        self._last: tuple[weakref.ref, int, bool] | None = (weakref.ref(source), source._version, True)
 
     def load(self, source: torch.Tensor) -> bool:
-        """Make the static tensor stand for ``source``; ``False`` if a replay can't (contents differ)."""
+        """Make the static tensor stand for ``source``; ``False`` if a replay can't (contents differ).
+        The verdict is kept for this tensor until it changes: one comparison (a synchronisation) per
+        tensor and step, whatever the number of layers."""
         last = self._last
         if last is not None and last[0]() is source and last[1] == source._version:
-            return True
+            return last[2]
+        same = True
         if self.data:
             self.static.copy_(source)
-        elif not torch.equal(self.static, source):  # synchronises: once per tensor per step
-            self._last = None
-            return False
-        self._last = (weakref.ref(source), source._version)
-        return True
+        else:
+            same = torch.equal(self.static, source)
+        self._last = (weakref.ref(source), source._version, same)
+        return same
 
 
 @dataclass
@@ -181,7 +187,8 @@ class _Entry:
     params: list[torch.Tensor] = field(default_factory=list)  # the parameters the backward graph writes
     acc: list[torch.Tensor] = field(default_factory=list)  # their gradient buffers
     calls: int = 0
-    backward_calls: int = 0
+    backward_calls: int = 0  # counted from the first call with static buffers: one call after the forward's
+    mismatches: int = 0  # calls in a row that could not replay (other keyword contents)
     failed: str = ""
 
 
@@ -291,7 +298,12 @@ class LayerGraphs:
         if entry.forward is not None and statics is not None:
             if not self._load(call, statics):
                 self._skip("keyword tensors differ from the captured ones (e.g. a new packing layout)")
+                entry.mismatches += 1
+                if entry.mismatches >= MISMATCHES:  # packed batches: every step has its own layout
+                    self._fail(entry, f"the layer's position ids / masks changed on {MISMATCHES} calls in a "
+                                      f"row (packed batches of varying layout): graphs can't replay them")
                 return None
+            entry.mismatches = 0
             statics.hidden.copy_(hidden)
             entry.forward.replay()
             self.replays += 1
@@ -414,6 +426,10 @@ class LayerGraphs:
     def _fail(self, entry: _Entry, reason: str) -> None:
         entry.failed = reason
         entry.forward = entry.backward = None
+        if all(e.failed for e in self.entries.values()):  # nothing replays any more: give the memory back
+            self.statics.clear()
+            self.acc.clear()
+            self._pool = None
         if reason not in _REPORTED:  # once per reason, on stderr: the layer still trains, only slower
             _REPORTED.add(reason)
             print(f"slipstream: a checkpointed layer runs without CUDA graphs: {reason}", file=sys.stderr)
