@@ -201,3 +201,14 @@ def test_pinned_layouts_outlive_the_cache(monkeypatch):
         attn.layout_for(None, torch.tensor([[0, 1, 0, 1, 2, 3]]), None, None, 1, 6)
     assert attn.layout_for(None, pinned, None, None, 1, 6) is first  # a graph reading it finds it alive
     assert sum(1 for t in computed if t is pinned) == 1
+
+
+def test_disabled_graphs_describe_nothing_and_let_go(tiny_dir):
+    model, _ = load_tiny(tiny_dir, accelerate=True)
+    graphs = g.LayerGraphs(torch.device("cpu"))
+    function, hidden = recorded_calls(model, torch.randint(10, 500, (1, 8)))[0]
+    assert graphs.describe(function, hidden, ()) is not None
+    graphs.statics["shape"] = object()
+    graphs.disable("packed batches change their layout every step")
+    assert graphs.describe(function, hidden, ()) is None and graphs.statics == {}
+    assert graphs.skipped == {"packed batches change their layout every step": 1}

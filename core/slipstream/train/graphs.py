@@ -204,6 +204,7 @@ class LayerGraphs:
         self.replays = 0
         self.captures = 0
         self.skipped: dict[str, int] = {}  # why calls ran eagerly -> how often
+        self.disabled = ""  # why this model's layers are not graphed at all (see disable)
         self._dropout: dict[int, str] = {}
 
     @property
@@ -222,7 +223,20 @@ class LayerGraphs:
             self._skip(str(exc))
             return None
 
+    def disable(self, reason: str) -> None:
+        """Run every layer eagerly from now on (e.g. the Trainer's packed batches, whose layout changes
+        every step, would capture graphs that never replay); drops what was captured."""
+        self.disabled = reason
+        for entry in self.entries.values():
+            entry.forward = entry.backward = None
+            entry.failed = entry.failed or reason
+        self.statics.clear()
+        self.acc.clear()
+        self._pool = None
+
     def _describe(self, function: Callable, hidden: torch.Tensor, rest: tuple) -> LayerCall:
+        if self.disabled:
+            raise Ungraphable(self.disabled)
         layer = layer_of(function)
         if layer is None:
             raise Ungraphable("not a transformers layer call")

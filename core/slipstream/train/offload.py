@@ -296,18 +296,32 @@ class OffloadedCheckpoint:
         return out
 
 
-def graph_report(model: torch.nn.Module) -> dict | None:
-    """What the CUDA graphs of ``model``'s checkpointed layers did (captures, replays, eager calls and
-    why, failures, pool bytes); ``None`` when no layer is graphed."""
+def _layer_graphs(model: torch.nn.Module) -> list[LayerGraphs]:
     found = {}
     for layer in checkpoint_layers(model):
         graphs = getattr(getattr(layer, "_gradient_checkpointing_func", None), "graphs", None)
         if graphs is not None:
             found[id(graphs)] = graphs
+    return list(found.values())
+
+
+def disable_graphs(model: torch.nn.Module, reason: str) -> str:
+    """Stop replaying ``model``'s checkpointed layers from CUDA graphs; returns a note for the log
+    (``""`` if none were in use)."""
+    graphs = _layer_graphs(model)
+    for g in graphs:
+        g.disable(reason)
+    return f"CUDA graphs off: {reason}" if graphs else ""
+
+
+def graph_report(model: torch.nn.Module) -> dict | None:
+    """What the CUDA graphs of ``model``'s checkpointed layers did (captures, replays, eager calls and
+    why, failures, pool bytes); ``None`` when no layer is graphed."""
+    found = _layer_graphs(model)
     if not found:
         return None
     total: dict = {"captures": 0, "replays": 0, "eager": {}, "failed": [], "pool_bytes": 0}
-    for graphs in found.values():
+    for graphs in found:
         one = graphs.report()
         for k in ("captures", "replays", "pool_bytes"):
             total[k] += one[k]
@@ -326,5 +340,5 @@ def _needs_grad(values) -> bool:
     return False
 
 
-__all__ = ["OffloadedCheckpoint", "apply_checkpointing", "checkpoint_layers", "current_policy", "graph_report",
-           "policy_name"]
+__all__ = ["OffloadedCheckpoint", "apply_checkpointing", "checkpoint_layers", "current_policy", "disable_graphs",
+           "graph_report", "policy_name"]

@@ -36,6 +36,7 @@ from slipstream.train.data import (
     trained_tokens,
 )
 from slipstream.train.fast_model import model_info, resolve_dtype, save_merged
+from slipstream.train.offload import disable_graphs
 from slipstream.train.packing import PackedCollator, pack
 
 GIB = 2**30
@@ -366,8 +367,9 @@ class Trainer:
             return
         from slipstream.train.memory import plan_for_model
 
+        graphs = False if self.config.packing else info.get("cuda_graphs")  # packed: see train()
         plan = plan_for_model(self.model, batch=self.config.batch_size, seq=self.max_length,
-                              max_memory_gib=self.config.max_memory_gib, graphs=info.get("cuda_graphs"))
+                              max_memory_gib=self.config.max_memory_gib, graphs=graphs)
         self.log(f"{plan.describe()} (batch {self.config.batch_size} x {self.max_length})")
         plan.apply(self.model, verbose=self.verbose)
 
@@ -393,6 +395,11 @@ class Trainer:
         rows = self.prepare_data()
         total = self.total_steps()
         self._plan_checkpointing()
+        if self.config.packing:
+            # each packed batch has its own layout (position ids): graphs captured for one never replay
+            note = disable_graphs(self.model, "packed batches change their layout every step")
+            if note:
+                self.log(note)
         model = self.model
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
