@@ -8,7 +8,9 @@
   activation) are recomputed when backward needs them instead of being kept
   (:mod:`slipstream.train.recompute`): about a third less activation memory for 3-5 % of the
   step time (H100, W8B).
-- ``"checkpoint"``: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``.
+- ``"checkpoint"``: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``; on CUDA with
+  CUDA graphs on, :class:`OffloadedCheckpoint` with ``offload=False`` (the input stays on the
+  device, the layers replay from graphs: :mod:`slipstream.train.graphs`).
 - ``"offload"``: :class:`OffloadedCheckpoint`. Like checkpointing, only each layer's input is kept
   and the layer is recomputed in backward, but that input lives in pinned host memory: it is
   copied out on a side stream during forward, and during the backward of layer ``i`` the input of
@@ -135,7 +137,7 @@ def _recompute_contexts() -> tuple[object, object]:
 
 # ----------------------------------------------------------------------------- offloading
 class _Saved:
-    """One layer input, held in host memory between forward and backward."""
+    """One layer input, held in host memory between forward and backward (or, ``keep``, where it is)."""
 
     def __init__(self, device: torch.device, stream: object | None, prev: _Saved | None, keep: bool = False) -> None:
         self.device = device
