@@ -212,3 +212,22 @@ def test_disabled_graphs_describe_nothing_and_let_go(tiny_dir):
     graphs.disable("packed batches change their layout every step")
     assert graphs.describe(function, hidden, ()) is None and graphs.statics == {}
     assert graphs.skipped == {"packed batches change their layout every step": 1}
+
+
+def test_key_follows_peft_switches(tiny_dir):
+    """A graph replays the adapter math it captured: disabling adapters or changing a scale is a new key."""
+    model, _ = load_tiny(tiny_dir, accelerate=True)
+    graphs = g.LayerGraphs(torch.device("cpu"))
+    ids = torch.randint(10, 500, (1, 8))
+
+    def key():
+        function, hidden = recorded_calls(model, ids)[0]
+        return graphs.describe(function, hidden, ()).key
+
+    plain = key()
+    with model.disable_adapter():
+        disabled = key()
+    assert disabled != plain and key() == plain
+    lora = next(m for m in checkpoint_layers(model)[0].modules() if hasattr(m, "scaling") and hasattr(m, "lora_A"))
+    lora.scaling["default"] *= 2
+    assert key() != plain

@@ -19,7 +19,8 @@ accumulation), and any other tensor gets the layer's gradient added.
 
 A graph replays the kernels of its capture: the same implementations, the same host-side decisions.
 So a graph is only used when every input that steers host-side decisions is unchanged. Its key holds
-shapes, dtypes and strides, the non-tensor arguments, autocast and the layer's trainable parameters.
+shapes, dtypes and strides, the non-tensor arguments, autocast, the layer's trainable parameters and
+peft's switches on its LoRA modules (disabled, active adapters, merged, scales).
 Integer and boolean tensors (position ids, masks), and any tensor other than the rotary cos/sin, must
 equal the captured contents. That check costs one synchronisation per tensor per step; a mismatch
 (a new packing layout) runs the layer eagerly; after 3 such calls in a row (packed batches whose
@@ -206,6 +207,7 @@ class LayerGraphs:
         self.skipped: dict[str, int] = {}  # why calls ran eagerly -> how often
         self.disabled = ""  # why this model's layers are not graphed at all (see disable)
         self._dropout: dict[int, str] = {}
+        self._loras: dict[int, list[torch.nn.Module]] = {}
 
     @property
     def pool(self) -> tuple:
@@ -255,9 +257,19 @@ class LayerGraphs:
             raise Ungraphable("a keyword tensor needs a gradient")
         params = [p for p in layer.parameters() if p.requires_grad]
         key = (id(layer), layer.training, _tensor_key(hidden), key_args, _autocast_key(hidden.device.type),
-               tuple(id(p) for p in params))
+               tuple(id(p) for p in params), self._adapter_state(layer))
         fargs = function.args
         return LayerCall(layer, function.func, fargs, kwargs, rest, key, params)
+
+    def _adapter_state(self, layer: torch.nn.Module) -> tuple:
+        """peft's switches on the layer's LoRA modules (disabled, active adapters, merged, scales): a
+        graph replays the adapter math it captured, so any change must be a new key."""
+        loras = self._loras.get(id(layer))
+        if loras is None:
+            loras = self._loras[id(layer)] = [m for m in layer.modules()
+                                              if hasattr(m, "disable_adapters") and hasattr(m, "lora_A")]
+        return tuple((m.disable_adapters, tuple(m.active_adapters), bool(getattr(m, "merged", False)),
+                      tuple(sorted(getattr(m, "scaling", {}).items()))) for m in loras)
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
