@@ -33,6 +33,8 @@ def recorded_calls(model, ids) -> list:
 
 def test_enabled_only_on_cuda_and_switchable(monkeypatch):
     assert not g.enabled_for(torch.device("cpu"))
+    assert not g.enabled_for(torch.device("cpu"), True)
+    assert not g.enabled_for(torch.device("cuda"), False)
     monkeypatch.setenv("SLIPSTREAM_CUDA_GRAPHS", "0")
     assert not g.enabled_for(torch.device("cuda"))
 

@@ -43,7 +43,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -59,8 +59,11 @@ MISMATCHES = 3  # calls in a row whose keyword contents differ from the capture'
 DATA_KWARGS = ("position_embeddings",)  # floating tensors in these are plain data: copied, never compared
 
 
-def enabled_for(device: torch.device) -> bool:
-    """Whether layers on ``device`` may be graphed (``SLIPSTREAM_CUDA_GRAPHS=0`` turns it off)."""
+def enabled_for(device: torch.device, requested: bool | None = None) -> bool:
+    """Whether layers on ``device`` are graphed: ``requested`` (``None``: by default), and only on
+    CUDA, and not under ``SLIPSTREAM_CUDA_GRAPHS=0``."""
+    if requested is False:
+        return False
     if os.environ.get("SLIPSTREAM_CUDA_GRAPHS", "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return device.type == "cuda" and torch.cuda.is_available()
@@ -79,12 +82,11 @@ class LayerCall:
     func: Callable
     fargs: tuple
     kwargs: dict
-    rest: tuple
     key: tuple
     params: list[torch.Tensor]
 
     def run(self, hidden: torch.Tensor, kwargs: dict | None = None) -> object:
-        return self.func(*self.fargs, hidden, *self.rest, **(self.kwargs if kwargs is None else kwargs))
+        return self.func(*self.fargs, hidden, **(self.kwargs if kwargs is None else kwargs))
 
 
 def layer_of(function: Callable) -> torch.nn.Module | None:
@@ -123,19 +125,21 @@ def _arg_key(name: str, value: object) -> object:
     raise Ungraphable(f"keyword argument {name!r} is a {type(value).__name__}")
 
 
-def _tensors(value: object) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
+def _leaves(value: object, kind: type) -> Iterator:
+    """The ``kind`` instances in ``value``, a leaf or (nested) tuples and lists of them."""
+    if isinstance(value, kind):
         yield value
     elif isinstance(value, (tuple, list)):
         for v in value:
-            yield from _tensors(v)
+            yield from _leaves(v, kind)
 
 
-def _rebuild(value: object, replace: Callable[[torch.Tensor], torch.Tensor]) -> object:
-    if isinstance(value, torch.Tensor):
+def _rebuild(value: object, kind: type, replace: Callable[[object], object]) -> object:
+    """``value`` with every ``kind`` leaf replaced by ``replace(leaf)``; other leaves kept."""
+    if isinstance(value, kind):
         return replace(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_rebuild(v, replace) for v in value)
+        return type(value)(_rebuild(v, kind, replace) for v in value)
     return value
 
 
@@ -178,7 +182,7 @@ class _Statics:
     slots: dict[str, object] = field(default_factory=dict)  # keyword name -> _Slot / nested / value
 
     def kwargs(self) -> dict:
-        return {name: _static_of(v) for name, v in self.slots.items()}
+        return {name: _rebuild(v, _Slot, lambda slot: slot.static) for name, v in self.slots.items()}
 
 
 @dataclass
@@ -232,6 +236,10 @@ class LayerGraphs:
         for entry in self.entries.values():
             entry.forward = entry.backward = None
             entry.failed = entry.failed or reason
+        self._release()
+
+    def _release(self) -> None:
+        """Let go of the static buffers, gradient buffers and pool (once no graph can replay)."""
         self.statics.clear()
         self.acc.clear()
         self._pool = None
@@ -253,13 +261,13 @@ class LayerGraphs:
             raise Ungraphable(f"dropout in {reason}")
         kwargs = dict(function.keywords)
         key_args = tuple(sorted((name, _arg_key(name, v)) for name, v in kwargs.items()))
-        if any(t.requires_grad for t in _tensors(list(kwargs.values()))):
+        if any(t.requires_grad for t in _leaves(list(kwargs.values()), torch.Tensor)):
             raise Ungraphable("a keyword tensor needs a gradient")
         params = [p for p in layer.parameters() if p.requires_grad]
         key = (id(layer), layer.training, _tensor_key(hidden), key_args, _autocast_key(hidden.device.type),
                tuple(id(p) for p in params), self._adapter_state(layer))
         fargs = function.args
-        return LayerCall(layer, function.func, fargs, kwargs, rest, key, params)
+        return LayerCall(layer, function.func, fargs, kwargs, key, params)
 
     def _adapter_state(self, layer: torch.nn.Module) -> tuple:
         """peft's switches on the layer's LoRA modules (disabled, active adapters, merged, scales): a
@@ -285,7 +293,7 @@ class LayerGraphs:
                 if not slot.load(value):
                     return False
             elif isinstance(value, (tuple, list)):
-                for s, v in zip(_flat_slots(slot), _tensors(value), strict=True):
+                for s, v in zip(_leaves(slot, _Slot), _leaves(value, torch.Tensor), strict=True):
                     if not s.load(v):
                         return False
         return True
@@ -309,8 +317,9 @@ class LayerGraphs:
                                grad_in=torch.empty_like(out), grad_out=torch.empty_like(hidden))
             for name, value in call.kwargs.items():
                 data = name in DATA_KWARGS
-                statics.slots[name] = _rebuild(value, lambda t, d=data: _Slot(t, d and t.is_floating_point()))
-            pin_layouts(s.static for v in statics.slots.values() for s in _flat_slots(v))
+                statics.slots[name] = _rebuild(value, torch.Tensor,
+                                               lambda t, d=data: _Slot(t, d and t.is_floating_point()))
+            pin_layouts(s.static for v in statics.slots.values() for s in _leaves(v, _Slot))
             self.statics[key] = statics
         return statics
 
@@ -349,7 +358,7 @@ class LayerGraphs:
             statics = self._statics_for(call, hidden, out)
         except Ungraphable as exc:
             self._skip(str(exc))
-            entry.failed = str(exc)
+            self._fail(entry, str(exc))
             return out
         if not self._load(call, statics):
             return out
@@ -414,7 +423,7 @@ class LayerGraphs:
         with self._accumulating(entry):
             if entry.acc:
                 torch._foreach_add_(entry.acc, [g for _, g in used])
-        result = gx.clone() if gx is not None else None
+        result = gx  # a fresh tensor of the eager run: the capture below writes only static buffers
         del gx, grads, used
         graph = torch.cuda.CUDAGraph()
         try:
@@ -453,9 +462,7 @@ class LayerGraphs:
         entry.failed = reason
         entry.forward = entry.backward = None
         if all(e.failed for e in self.entries.values()):  # nothing replays any more: give the memory back
-            self.statics.clear()
-            self.acc.clear()
-            self._pool = None
+            self._release()
         if reason not in _REPORTED:  # once per reason, on stderr: the layer still trains, only slower
             _REPORTED.add(reason)
             print(f"slipstream: a checkpointed layer runs without CUDA graphs: {reason}", file=sys.stderr)
@@ -465,22 +472,6 @@ class LayerGraphs:
         failed = sorted({e.failed for e in self.entries.values() if e.failed})
         return {"captures": self.captures, "replays": self.replays, "eager": dict(self.skipped), "failed": failed,
                 "pool_bytes": pool_bytes(self._pool) if self._pool is not None else 0}
-
-
-def _static_of(value: object) -> object:
-    if isinstance(value, _Slot):
-        return value.static
-    if isinstance(value, (tuple, list)):
-        return type(value)(_static_of(v) for v in value)
-    return value
-
-
-def _flat_slots(value: object) -> Iterable[_Slot]:
-    if isinstance(value, _Slot):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _flat_slots(v)
 
 
 @contextmanager

@@ -115,7 +115,7 @@ class MemoryPlan:
         if self.choice == "partial":
             what = f"partial ({self.checkpointed_layers} of {self.extra.get('layers', '?')} layers checkpointed"
             what += ", the others lean)" if self.lean else ")"
-        if self.graphs and self.choice in GRAPHED:
+        if self.graphs:
             what += " with CUDA graphs"
         return f"gradient checkpointing: {what} because {self.reason}"
 
@@ -320,7 +320,7 @@ def plan_for_model(model: torch.nn.Module, *, batch: int, seq: int, free_bytes: 
     if lora_r is None:
         lora_r = next(iter(peft_config.values())).r if peft_config else 16
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    graphs = enabled_for(device) if graphs is None else graphs and enabled_for(device)
+    graphs = enabled_for(device, graphs)
     from slipstream.train.fast_model import uses_fused_loss
 
     gated, lean = lean_elements(model)

@@ -80,7 +80,7 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
                   "(activations already live in host memory)")
         name = "checkpoint"
     func: Callable | None = None
-    use_graphs = enabled_for(device) if graphs is None else graphs and enabled_for(device)
+    use_graphs = enabled_for(device, graphs)
     if name == "checkpoint":
         # with CUDA graphs: the offload path without the offload, which replays layers from graphs
         func = OffloadedCheckpoint(device, offload=False, graphs=True) if use_graphs else plain_checkpoint
@@ -277,8 +277,7 @@ class OffloadedCheckpoint:
         if self.device.type != "cpu" and offload:
             self.stream = torch.get_device_module(self.device).Stream(self.device)
         self._last: tuple[weakref.ref, _Saved] | None = None
-        use_graphs = enabled_for(self.device) if graphs is None else graphs and enabled_for(self.device)
-        self.graphs: LayerGraphs | None = LayerGraphs(self.device) if use_graphs else None
+        self.graphs: LayerGraphs | None = LayerGraphs(self.device) if enabled_for(self.device, graphs) else None
 
     def __call__(self, function: Callable, *args: object, **kwargs: object) -> object:
         hidden = args[0] if args else None
