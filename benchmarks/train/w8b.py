@@ -77,7 +77,8 @@ def log(message: str, _start: list = [time.perf_counter()]) -> None:  # noqa: B0
 
 
 def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps: int, warm: int,
-        device: str, max_memory_gib: float | None = None, prewarm_seq: int = 0, long_seq: int = 0) -> None:
+        device: str, max_memory_gib: float | None = None, prewarm_seq: int = 0, long_seq: int = 0,
+        memory_snapshot: str = "") -> None:
     """Build, train and print one RESULT line (then one for ``long_seq``, if given)."""
     model, cfg = build(shape, base, checkpointing, device)
     log(f"built {shape} {base} base, checkpointing={checkpointing}")
@@ -105,6 +106,8 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
     warm_peak = 0
     tune_s = 0.0
     for i in range(warm + steps):
+        if memory_snapshot and cuda:
+            _record_memory(i, warm, memory_snapshot)
         ids = torch.randint(0, cfg.vocab_size, (bsz, seq), device=device, generator=gen)
         if cuda:
             torch.cuda.synchronize()
@@ -158,6 +161,24 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
     emit(result)
     if long_seq:
         emit(long_step(model, opt, cfg, shape, base, long_seq, device, gen))
+
+
+def _record_memory(step: int, warm: int, path: str) -> None:
+    """Record the allocator's history from the second warm-up step (after tuning) through the first
+    timed step, and write it to ``path`` (read it with memory_breakdown.py); a marker between steps."""
+    if step == 1:
+        torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python")
+    if step >= 1:
+        _memory_marker()
+    if step == warm + 1:
+        torch.cuda.memory._dump_snapshot(path)
+        torch.cuda.memory._record_memory_history(enabled=None)
+        log(f"memory history written to {path}")
+
+
+def _memory_marker() -> None:
+    """A tiny allocation whose frame marks a step boundary in the recorded history."""
+    torch.empty(1, device="cuda")
 
 
 def emit(result: dict) -> None:
@@ -250,11 +271,13 @@ def main() -> None:
                     help='with --checkpointing auto: the device memory the planner may use, weights included')
     ap.add_argument("--long-seq", type=int, default=0,
                     help="then one step at batch 1 x this many tokens on the same model (planned with auto)")
+    ap.add_argument("--memory-snapshot", default="",
+                    help="write the allocator's history (warm-up and one timed step) here; see memory_breakdown.py")
     a = ap.parse_args()
     policy = {"true": True, "false": False}.get(a.checkpointing.lower(), a.checkpointing)
     try:
         run(a.shape, a.base, policy, a.bsz, a.seq, a.steps, a.warm, a.device, a.max_memory_gib, a.prewarm_seq,
-            a.long_seq)
+            a.long_seq, a.memory_snapshot)
     except Exception as exc:  # one failing configuration must not hide the others' numbers
         import traceback
 

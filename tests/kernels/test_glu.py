@@ -101,3 +101,65 @@ def test_aot_compiles_for_sm90() -> None:
     results = aot_compile_sm90("from slipstream.kernels.glu import KERNELS\n"
                                "units = [u for k in KERNELS for u in k.aot(k.configs[0])]")
     assert len(results) == 6, results
+
+
+def _projected(rows: int, cols: int, dtype: torch.dtype, gen: torch.Generator):
+    """gate and up as a layer makes them: outputs of an op (not leaves), contiguous, separate buffers."""
+    x = torch.randn(rows, 8, generator=gen).to(dtype).requires_grad_()
+    wg = (torch.randn(cols, 8, generator=gen) * 0.7).to(dtype)
+    wu = (torch.randn(cols, 8, generator=gen) * 0.4).to(dtype)
+    return x, x @ wg.T, x @ wu.T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", SPECS)
+def test_backward_writes_gradients_over_expiring_inputs(op: str, dtype: torch.dtype) -> None:
+    """Under ``inputs_expire_in_backward`` d(gate), d(up) land in gate's and up's buffers: no new
+    memory, and every gradient bit-identical to the normal call (the same kernel, other addresses)."""
+    from slipstream.ops.hints import inputs_expire_in_backward
+
+    seed = int(torch.randint(0, 2**31, (1,)))
+    kernel = _fn(op)
+    results = []
+    for expire in (False, True):
+        x, gate, up = _projected(9, 1001, dtype, torch.Generator().manual_seed(seed))
+        seen = {}
+        gate.register_hook(lambda g, seen=seen: seen.setdefault("dg", g))
+        with inputs_expire_in_backward(expire):
+            y = kernel(gate, up, *_extra(op, "tanh"))
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+        y.backward(dy)
+        assert (seen["dg"].data_ptr() == gate.data_ptr()) == expire
+        results.append(x.grad)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+def test_overwritten_inputs_fail_a_second_backward() -> None:
+    from slipstream.ops.hints import inputs_expire_in_backward
+
+    _, gate, up = _projected(4, 64, torch.float32, torch.Generator().manual_seed(0))
+    with inputs_expire_in_backward():
+        y = kmod.swiglu(gate, up)
+    y.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("case", ["leaves", "fused halves", "no hint"])
+def test_inputs_that_must_survive_are_never_overwritten(case: str) -> None:
+    """Leaves (the caller's data), views of one fused buffer and calls outside the hint keep their values."""
+    from contextlib import nullcontext
+
+    from slipstream.ops.hints import inputs_expire_in_backward
+
+    x, gate, up = _projected(6, 48, torch.float32, torch.Generator().manual_seed(1))
+    if case == "leaves":
+        gate, up = gate.detach().requires_grad_(), up.detach().requires_grad_()
+    elif case == "fused halves":
+        fused = torch.cat([gate, up], -1)
+        gate, up = fused[:, :48], fused[:, 48:]
+    before = (gate.detach().clone(), up.detach().clone())
+    with nullcontext() if case == "no hint" else inputs_expire_in_backward():
+        y = kmod.swiglu(gate, up)
+    y.backward(torch.randn(y.shape))
+    assert torch.equal(gate.detach(), before[0]) and torch.equal(up.detach(), before[1])

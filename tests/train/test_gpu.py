@@ -206,8 +206,8 @@ def test_cuda_graphs_give_up_on_changing_packing_layouts(tmp_path):
     graphed = train(graphs=True)
     assert_grads_close(graphed, eager, rtol=1e-5, atol=1e-7)
     report = graph_report(model)
-    # forwards captured on the second call; each backward is captured on the call after its forward
-    # (its first call with the static buffers in place), a call that never replays here
+    # backwards captured on the second call; each forward would be captured on the call after, whose
+    # layout already differs: only the backwards were captured
     assert report["captures"] == layers, report
     assert len(report["failed"]) == 1 and "packed batches" in report["failed"][0], report
     differ = [n for reason, n in report["eager"].items() if "differ" in reason]

@@ -124,6 +124,28 @@ def test_checkpointing_gives_the_same_gradients(tiny_dir, policy):
     assert_grads_close(got, reference, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("policy", [True, "offload"])
+def test_recompute_lets_the_gated_op_overwrite_its_inputs(tiny_dir, policy, monkeypatch):
+    """Only a checkpoint's recompute tells the gated op that gate and up expire in its backward
+    (ops.hints): the first forward's and a non-checkpointed layer's inputs must survive."""
+    from slipstream.models import mlp
+    from slipstream.ops.hints import inputs_may_be_overwritten
+    from slipstream.train.recompute import recomputing
+
+    model, _batch, grads = tiny_with_batch(tiny_dir)
+    real = mlp.gate_op
+    seen = []
+    monkeypatch.setattr(mlp, "gate_op", lambda *a, **k: seen.append((recomputing(), inputs_may_be_overwritten()))
+                        or real(*a, **k))
+    apply_checkpointing(model, False, verbose=False)
+    grads()
+    assert seen and not any(hint for _, hint in seen)
+    seen.clear()
+    apply_checkpointing(model, policy, force_offload=True, verbose=False)
+    grads()
+    assert {(False, False), (True, True)} == set(seen), seen
+
+
 def test_partial_layer_count_is_checked(tiny_dir):
     model, _ = load_tiny(tiny_dir, accelerate=False)
     n = len(checkpoint_layers(model))

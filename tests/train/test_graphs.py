@@ -126,31 +126,28 @@ def test_a_verdict_costs_one_comparison_per_tensor(monkeypatch):
     assert len(compared) == 2
 
 
-def run_replay(entry, contribution):
-    with g.LayerGraphs._accumulating(None, entry):
-        torch._foreach_add_(entry.acc, contribution)
-
-
-def test_gradient_buffers_respect_what_grad_held():
-    p = torch.nn.Parameter(torch.zeros(3))
-    entry = g._Entry(params=[p], acc=[torch.zeros(3)])
-    one, two = torch.ones(3), torch.full((3,), 2.0)
-    run_replay(entry, [one])
-    assert p.grad is entry.acc[0] and torch.equal(p.grad, one)  # None: the buffer becomes .grad
-    run_replay(entry, [two])
-    assert torch.equal(p.grad, one + two)  # .grad is the buffer: gradient accumulation
-    p.grad = None  # zero_grad(set_to_none=True)
-    run_replay(entry, [two])
-    assert torch.equal(p.grad, two)  # the buffer restarted from zero
+def test_gradients_are_handed_out_like_autograd():
+    p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    written = [torch.ones(3), torch.ones(2)]  # what a backward graph wrote into its static buffers
+    entry = g._Entry(params=[p, q], grads=written)
+    g.LayerGraphs._hand_out(entry)
+    assert torch.equal(p.grad, written[0]) and p.grad is not written[0]  # None: a copy, which zero_grad frees
+    held = p.grad
+    written[0].fill_(2.0)
+    g.LayerGraphs._hand_out(entry)
+    assert p.grad is held and torch.equal(held, torch.full((3,), 3.0))  # gradient accumulation
+    assert torch.equal(q.grad, torch.full((2,), 2.0))
+    p.grad = None  # zero_grad(set_to_none=True) for one of them only: a fresh copy next to an addition
+    g.LayerGraphs._hand_out(entry)
+    assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(q.grad, torch.full((2,), 3.0))
     p.grad.zero_()  # zero_grad(set_to_none=False)
-    run_replay(entry, [one])
-    assert torch.equal(p.grad, one)
+    g.LayerGraphs._hand_out(entry)
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
     foreign = torch.full((3,), 5.0)
     p.grad = foreign  # a gradient from elsewhere (e.g. an eager micro-batch)
-    run_replay(entry, [one])
-    assert p.grad is foreign and torch.equal(foreign, torch.full((3,), 6.0))
-    run_replay(entry, [one])
-    assert torch.equal(foreign, torch.full((3,), 7.0))  # the buffer was zeroed before each write
+    g.LayerGraphs._hand_out(entry)
+    assert p.grad is foreign and torch.equal(foreign, torch.full((3,), 7.0))
+    assert torch.equal(written[0], torch.full((3,), 2.0))  # the static buffers are only read
 
 
 LLAMA_8B = ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from slipstream.kernels._aot import AotUnit, ptr
 from slipstream.kernels._catalog import PortableKernel, launch_options
+from slipstream.ops.hints import inputs_may_be_overwritten
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2
@@ -152,14 +153,22 @@ class _GLU(torch.autograd.Function):
             )
         ctx.save_for_backward(gate, up)
         ctx.act, ctx.config = act, config
+        # d(gate), d(up) over gate and up (ops.hints): element-wise, each program reads its block before
+        # writing it. Only into contiguous, separate buffers that an op produced (never a user's leaf).
+        ctx.overwrite = (inputs_may_be_overwritten() and gate.grad_fn is not None and up.grad_fn is not None
+                         and gate.is_contiguous() and up.is_contiguous()
+                         and gate.untyped_storage().data_ptr() != up.untyped_storage().data_ptr())
         return out.view(gate.shape)
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor):
         gate, up = ctx.saved_tensors
         want_g, want_u = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if want_g else None
-        du = torch.empty(up.shape, dtype=up.dtype, device=up.device) if want_u else None
+        if ctx.overwrite:
+            dg, du = (gate.detach() if want_g else None), (up.detach() if want_u else None)
+        else:
+            dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if want_g else None
+            du = torch.empty(up.shape, dtype=up.dtype, device=up.device) if want_u else None
         if gate.numel() and (want_g or want_u):
             n_cols = gate.shape[-1] if gate.dim() else 1
             (do2, g2, u2), cols = _rows([dout, gate, up], n_cols)
@@ -172,6 +181,10 @@ class _GLU(torch.autograd.Function):
                 ACT=ctx.act, BLOCK=block, COMPUTE_DG=want_g, COMPUTE_DU=want_u,
                 num_warps=ctx.config["num_warps"], **launch_options(ctx.config),
             )
+        if ctx.overwrite:  # a later reader of the saved gate / up (retain_graph) fails instead of reading gradients
+            for t in (dg, du):
+                if t is not None:
+                    torch.autograd.graph.increment_version(t)
         return dg, du, None, None
 
 

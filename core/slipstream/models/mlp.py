@@ -33,7 +33,7 @@ from slipstream.models.base import (
     module_device,
     probe_input,
 )
-from slipstream.ops.hints import output_values_unused
+from slipstream.ops.hints import inputs_expire_in_backward, output_values_unused
 from slipstream.train import recompute
 
 ACT_ATTRS = ("act_fn", "activation_fn", "act")
@@ -146,7 +146,10 @@ def gated_mlp_forward_with(
         # Both projections accelerated peft LoRA layers: one lora_linear_group call reads x once.
         pair = None if reference else lora_groups.run_pair(module, x)
         gate, up = pair if pair is not None else (module.gate_proj(x), module.up_proj(x))
-    act = gate_op(cfg, gate, up, reference)
+    # In a checkpoint recompute gate and up feed nothing but the gated op, and that graph is
+    # differentiated once: its backward may write d(gate), d(up) over them (ops.hints).
+    with inputs_expire_in_backward(recompute.recomputing() and not reference):
+        act = gate_op(cfg, gate, up, reference)
     # Under lean activations, act(gate) * up is recomputed from gate and up (which the gated op saves
     # anyway) when the down projection's backward needs it, instead of being kept.
     act = recompute.tag(act, gate_op, cfg, gate, up, reference, label=cfg.op)

@@ -11,11 +11,13 @@ and replay:
   trainable parameters (the LoRA adapters).
 
 Each replay is one launch instead of ~80. The graphs of all layers share one memory pool, and they
-never run at the same time, so the pool is as large as one layer's temporaries. Inputs and outputs
-go through static buffers shared by the layers of one shape. Parameter gradients are added, inside
-the graph, into one persistent buffer per parameter that becomes its ``.grad``. What ``.grad`` held
-before is respected: ``None`` starts from zero, the buffer itself keeps accumulating (gradient
-accumulation), and any other tensor gets the layer's gradient added.
+never run at the same time, so the pool is as large as one layer's temporaries (the larger graph,
+the backward, is captured first so that the forward's temporaries fit in its blocks). Inputs and
+outputs go through static buffers shared by the layers of one shape. A backward graph writes its
+parameters' gradients (the LoRA adapters') into static buffers shared by the layers with the same
+parameter shapes; after each replay they are handed out like autograd would: a copy becomes
+``.grad`` where it was ``None`` (so gradients are freed by ``zero_grad`` and take no memory during
+the next forward and loss), else they are added to it (gradient accumulation).
 
 A graph replays the kernels of its capture: the same implementations, the same host-side decisions.
 So a graph is only used when every input that steers host-side decisions is unchanged. Its key holds
@@ -30,10 +32,10 @@ stop. The rotary cos/sin and the hidden states are plain data and are copied in.
 When graphs are not used: ``SLIPSTREAM_CUDA_GRAPHS=0``; a device without CUDA graphs; a layer
 with active dropout (a replay would draw other random numbers than the forward did); arguments a
 graph can't take (caches, tensors needing a gradient besides the hidden states); more than 4 shapes;
-too little free memory for the pool (long sequences). A layer shape also runs eagerly for its first
-call (that call tunes the kernels): its forward is captured on the second call, its backward on the
-call after that (the first with the static buffers in place). If a capture fails, that layer shape
-runs eagerly from then on, with one line on stderr that says why.
+too little free memory for the pool (long sequences). A layer also runs eagerly for its first call
+(that call tunes the kernels): its backward is captured on its second call, its forward on the call
+after that. If a capture fails, that layer runs eagerly from then on, with one line on stderr that
+says why.
 """
 
 from __future__ import annotations
@@ -83,6 +85,7 @@ class LayerCall:
     fargs: tuple
     kwargs: dict
     key: tuple
+    shape_key: tuple  # what the static buffers depend on: the key without the layer and gradient flags
     params: list[torch.Tensor]
 
     def run(self, hidden: torch.Tensor, kwargs: dict | None = None) -> object:
@@ -173,12 +176,13 @@ class _Slot:
 
 @dataclass
 class _Statics:
-    """Static buffers shared by the graphs of every layer with one call shape."""
+    """Static buffers shared by the graphs of every layer with one call shape. ``result`` receives the
+    forward's output and, in backward, the gradient of the layer input; each is copied out right after
+    its replay, so one buffer serves both."""
 
     hidden: torch.Tensor
-    out: torch.Tensor
     grad_in: torch.Tensor
-    grad_out: torch.Tensor
+    result: torch.Tensor
     slots: dict[str, object] = field(default_factory=dict)  # keyword name -> _Slot / nested / value
 
     def kwargs(self) -> dict:
@@ -189,10 +193,9 @@ class _Statics:
 class _Entry:
     forward: torch.cuda.CUDAGraph | None = None
     backward: torch.cuda.CUDAGraph | None = None
-    params: list[torch.Tensor] = field(default_factory=list)  # the parameters the backward graph writes
-    acc: list[torch.Tensor] = field(default_factory=list)  # their gradient buffers
-    calls: int = 0
-    backward_calls: int = 0  # counted from the first call with static buffers: one call after the forward's
+    params: list[torch.Tensor] = field(default_factory=list)  # the parameters whose gradients the backward writes
+    grads: list[torch.Tensor] = field(default_factory=list)  # where it writes them (static, see _grad_buffers)
+    backward_calls: int = 0
     mismatches: int = 0  # calls in a row that could not replay (other keyword contents)
     failed: str = ""
 
@@ -205,7 +208,7 @@ class LayerGraphs:
         self._pool: tuple | None = None
         self.entries: dict[tuple, _Entry] = {}
         self.statics: dict[tuple, _Statics] = {}
-        self.acc: dict[tuple, list[torch.Tensor]] = {}  # (layer, parameters) -> gradient buffers, for all shapes
+        self.grad_buffers: dict[tuple, list[torch.Tensor]] = {}  # parameter shapes -> static gradient buffers
         self.replays = 0
         self.captures = 0
         self.skipped: dict[str, int] = {}  # why calls ran eagerly -> how often
@@ -241,7 +244,7 @@ class LayerGraphs:
     def _release(self) -> None:
         """Let go of the static buffers, gradient buffers and pool (once no graph can replay)."""
         self.statics.clear()
-        self.acc.clear()
+        self.grad_buffers.clear()
         self._pool = None
 
     def _describe(self, function: Callable, hidden: torch.Tensor, rest: tuple) -> LayerCall:
@@ -264,10 +267,12 @@ class LayerGraphs:
         if any(t.requires_grad for t in _leaves(list(kwargs.values()), torch.Tensor)):
             raise Ungraphable("a keyword tensor needs a gradient")
         params = [p for p in layer.parameters() if p.requires_grad]
-        key = (id(layer), layer.training, _tensor_key(hidden), key_args, _autocast_key(hidden.device.type),
-               tuple(id(p) for p in params), self._adapter_state(layer))
-        fargs = function.args
-        return LayerCall(layer, function.func, fargs, kwargs, key, params)
+        autocast = _autocast_key(hidden.device.type)
+        key = (id(layer), layer.training, _tensor_key(hidden), key_args, autocast, tuple(id(p) for p in params),
+               self._adapter_state(layer))
+        # the first layer's input needs no gradient, the others' do: one set of static buffers for both
+        shape_key = (layer.training, _tensor_key(hidden)[:-1], key_args, autocast)
+        return LayerCall(layer, function.func, function.args, kwargs, key, shape_key, params)
 
     def _adapter_state(self, layer: torch.nn.Module) -> tuple:
         """peft's switches on the layer's LoRA modules (disabled, active adapters, merged, scales): a
@@ -281,9 +286,6 @@ class LayerGraphs:
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
-
-    def _shape_key(self, call: LayerCall) -> tuple:
-        return call.key[1:5]
 
     def _load(self, call: LayerCall, statics: _Statics) -> bool:
         """Point ``statics`` ' keyword slots at this call's tensors; ``False`` if a replay can't."""
@@ -307,68 +309,64 @@ class LayerGraphs:
             raise Ungraphable(f"not enough free device memory for the graph pool (about {need / 2**30:.1f} GiB "
                               f"needed, {free / 2**30:.1f} GiB free)")
 
-    def _statics_for(self, call: LayerCall, hidden: torch.Tensor, out: torch.Tensor) -> _Statics:
-        key = self._shape_key(call)
-        statics = self.statics.get(key)
+    def _statics_for(self, call: LayerCall, x: torch.Tensor) -> _Statics:
+        statics = self.statics.get(call.shape_key)
         if statics is None:
             if len(self.statics) >= MAX_SHAPES:
                 raise Ungraphable(f"more than {MAX_SHAPES} call shapes")
-            statics = _Statics(hidden=torch.empty_like(hidden), out=torch.empty_like(out),
-                               grad_in=torch.empty_like(out), grad_out=torch.empty_like(hidden))
+            self._check_room(x)
+            statics = _Statics(hidden=torch.empty_like(x), grad_in=torch.empty_like(x), result=torch.empty_like(x))
             for name, value in call.kwargs.items():
                 data = name in DATA_KWARGS
                 statics.slots[name] = _rebuild(value, torch.Tensor,
                                                lambda t, d=data: _Slot(t, d and t.is_floating_point()))
             pin_layouts(s.static for v in statics.slots.values() for s in _leaves(v, _Slot))
-            self.statics[key] = statics
+            self.statics[call.shape_key] = statics
         return statics
+
+    def _grad_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Where a backward graph writes its parameters' gradients: one set per list of parameter shapes,
+        shared by the layers that have it (each replay's gradients are handed out right after it)."""
+        key = tuple((tuple(p.shape), p.dtype) for p in params)
+        if key not in self.grad_buffers:
+            self.grad_buffers[key] = [torch.empty_like(p, requires_grad=False) for p in params]
+        return self.grad_buffers[key]
+
+    def _loaded(self, call: LayerCall, entry: _Entry, statics: _Statics) -> bool:
+        """:meth:`_load`, counting the calls in a row that can't replay; after ``MISMATCHES`` of them
+        the graphs are dropped (packed batches: every step has its own layout)."""
+        if self._load(call, statics):
+            entry.mismatches = 0
+            return True
+        self._skip("keyword tensors differ from the captured ones (e.g. a new packing layout)")
+        entry.mismatches += 1
+        if entry.mismatches >= MISMATCHES:
+            self._fail(entry, f"the layer's position ids / masks changed on {MISMATCHES} calls in a row (packed "
+                              f"batches of varying layout): graphs can't replay them")
+        return False
 
     # ------------------------------------------------------------------ forward
     def forward(self, call: LayerCall, hidden: torch.Tensor) -> torch.Tensor | None:
-        """The layer's output from its graph (captured on this call if due), or ``None``: run eagerly."""
+        """The layer's output from its graph (captured on this call if due), or ``None``: run eagerly.
+        A forward is captured after its layer's backward (see :meth:`backward`)."""
         entry = self.entries.setdefault(call.key, _Entry())
-        if entry.failed:
+        statics = self.statics.get(call.shape_key)
+        if entry.failed or entry.backward is None or statics is None or not self._loaded(call, entry, statics):
             return None
-        statics = self.statics.get(self._shape_key(call))
-        if entry.forward is not None and statics is not None:
-            if not self._load(call, statics):
-                self._skip("keyword tensors differ from the captured ones (e.g. a new packing layout)")
-                entry.mismatches += 1
-                if entry.mismatches >= MISMATCHES:  # packed batches: every step has its own layout
-                    self._fail(entry, f"the layer's position ids / masks changed on {MISMATCHES} calls in a "
-                                      f"row (packed batches of varying layout): graphs can't replay them")
-                return None
-            entry.mismatches = 0
-            statics.hidden.copy_(hidden)
-            entry.forward.replay()
-            self.replays += 1
-            return statics.out.clone()
-        entry.calls += 1
-        if entry.calls <= EAGER_CALLS:
-            return None
-        return self._capture_forward(call, entry, hidden)
-
-    def _capture_forward(self, call: LayerCall, entry: _Entry, hidden: torch.Tensor) -> torch.Tensor | None:
-        out = call.run(hidden)
-        if not isinstance(out, torch.Tensor) or out.shape != hidden.shape:
-            self._fail(entry, "the layer does not return one tensor shaped like its input")
-            return out
-        try:
-            self._check_room(hidden)
-            statics = self._statics_for(call, hidden, out)
-        except Ungraphable as exc:
-            self._skip(str(exc))
-            self._fail(entry, str(exc))
-            return out
-        if not self._load(call, statics):
-            return out
         statics.hidden.copy_(hidden)
+        if entry.forward is None:
+            return self._capture_forward(call, entry, statics)
+        entry.forward.replay()
+        self.replays += 1
+        return statics.result.clone()
+
+    def _capture_forward(self, call: LayerCall, entry: _Entry, statics: _Statics) -> torch.Tensor:
         kwargs = statics.kwargs()
-        call.run(statics.hidden, kwargs)  # host-side caches (attention layouts) learn the static tensors
+        out = call.run(statics.hidden, kwargs)  # this call's result, run eagerly on the static tensors
         graph = torch.cuda.CUDAGraph()
         try:
             with _quiet(), torch.cuda.graph(graph, pool=self.pool):
-                statics.out.copy_(call.run(statics.hidden, kwargs))
+                statics.result.copy_(call.run(statics.hidden, kwargs))
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run this layer eagerly
             self._fail(entry, f"capturing the forward failed ({type(exc).__name__}: {exc})")
             return out
@@ -380,23 +378,36 @@ class LayerGraphs:
     def backward(self, call: LayerCall, x: torch.Tensor, grad: torch.Tensor, hidden_grad: bool,
                  rerun: Callable[[], object]) -> tuple[bool, torch.Tensor | None]:
         """Recompute and differentiate the layer through its graph: ``(True, grad of x)``, parameter
-        gradients accumulated. ``(False, None)``: the caller runs it eagerly. ``rerun`` enters the
-        contexts of the recompute (autocast, lean activations)."""
+        gradients added to ``.grad``. ``(False, None)``: the caller runs it eagerly. ``rerun`` enters
+        the contexts of the recompute (autocast, lean activations).
+
+        A layer's backward is captured on its second call (the first tunes the kernels), before its
+        forward: the backward's temporaries are the larger, so capturing them first into the shared
+        pool lets the forward's reuse their blocks (the other order left the pool a fifth larger).
+        """
         entry = self.entries.get(call.key)
-        statics = self.statics.get(self._shape_key(call))
-        if entry is None or entry.failed or statics is None or grad is None or grad.shape != statics.grad_in.shape:
+        if entry is None or entry.failed or grad is None or grad.shape != x.shape:
             return False, None
-        if entry.backward is not None:
+        statics = self.statics.get(call.shape_key)
+        if entry.backward is not None and statics is not None:
             if not self._load(call, statics):
                 return False, None
             statics.hidden.copy_(x)
             statics.grad_in.copy_(grad)
-            with self._accumulating(entry):
-                entry.backward.replay()
+            entry.backward.replay()
             self.replays += 1
-            return True, statics.grad_out.clone() if hidden_grad else None
+            self._hand_out(entry)
+            return True, statics.result.clone() if hidden_grad else None
         entry.backward_calls += 1
-        if entry.backward_calls <= EAGER_CALLS or not self._load(call, statics):
+        if entry.backward_calls <= EAGER_CALLS:
+            return False, None
+        try:
+            statics = self._statics_for(call, x)
+        except Ungraphable as exc:
+            self._skip(str(exc))
+            self._fail(entry, str(exc))
+            return False, None
+        if not self._load(call, statics):
             return False, None
         return self._capture_backward(call, entry, statics, x, grad, hidden_grad, rerun)
 
@@ -406,6 +417,8 @@ class LayerGraphs:
         with rerun():
             xs = statics.hidden.detach().requires_grad_(hidden_grad)
             out = call.run(xs, kwargs)
+        if not isinstance(out, torch.Tensor) or out.shape != xs.shape:
+            raise Ungraphable("the layer does not return one tensor shaped like its input")
         inputs = ([xs] if hidden_grad else []) + call.params
         grads = torch.autograd.grad(out, inputs, statics.grad_in, allow_unused=True)
         return (grads[0] if hidden_grad else None), list(grads[1:] if hidden_grad else grads)
@@ -413,16 +426,17 @@ class LayerGraphs:
     def _capture_backward(self, call, entry, statics, x, grad, hidden_grad, rerun):
         statics.hidden.copy_(x)
         statics.grad_in.copy_(grad)
-        gx, grads = self._differentiate(call, statics, hidden_grad, rerun)  # this call's result
+        try:
+            gx, grads = self._differentiate(call, statics, hidden_grad, rerun)  # this call's result
+        except Ungraphable as exc:
+            self._fail(entry, str(exc))
+            return False, None
         used = [(p, g) for p, g in zip(call.params, grads, strict=True) if g is not None]
         entry.params = [p for p, _ in used]
-        acc_key = (call.key[0], tuple(id(p) for p in entry.params))
-        if acc_key not in self.acc:
-            self.acc[acc_key] = [torch.zeros_like(p) for p in entry.params]
-        entry.acc = self.acc[acc_key]
-        with self._accumulating(entry):
-            if entry.acc:
-                torch._foreach_add_(entry.acc, [g for _, g in used])
+        entry.grads = self._grad_buffers(entry.params)
+        if used:
+            torch._foreach_copy_(entry.grads, [g for _, g in used])
+        self._hand_out(entry)
         result = gx  # a fresh tensor of the eager run: the capture below writes only static buffers
         del gx, grads, used
         graph = torch.cuda.CUDAGraph()
@@ -430,12 +444,12 @@ class LayerGraphs:
             with _quiet(), torch.cuda.graph(graph, pool=self.pool):
                 gx, grads = self._differentiate(call, statics, hidden_grad, rerun)
                 if gx is not None:
-                    statics.grad_out.copy_(gx)
+                    statics.result.copy_(gx)
                 grads = [g for g in grads if g is not None]
-                if len(grads) != len(entry.acc):
+                if len(grads) != len(entry.grads):
                     raise Ungraphable("the parameters with gradients changed between two recomputes")
                 if grads:
-                    torch._foreach_add_(entry.acc, grads)
+                    torch._foreach_copy_(entry.grads, grads)
                 del gx, grads
         except Exception as exc:  # noqa: BLE001
             self._fail(entry, f"capturing the backward failed ({type(exc).__name__}: {exc})")
@@ -444,19 +458,20 @@ class LayerGraphs:
         self.captures += 1
         return True, result
 
-    @contextmanager
-    def _accumulating(self, entry: _Entry) -> Iterator[None]:
-        """Around a write into ``entry.acc``: start from zero unless every ``.grad`` already is its
-        buffer (accumulation); after it, hand the buffers out as ``.grad`` or add them to a foreign one."""
-        held = [p.grad for p in entry.params]
-        if not all(g is a for g, a in zip(held, entry.acc, strict=True)) and entry.acc:
-            torch._foreach_zero_(entry.acc)
-        yield
-        for p, g, a in zip(entry.params, held, entry.acc, strict=True):
-            if g is None:
-                p.grad = a
-            elif g is not a:
-                g.add_(a)
+    @staticmethod
+    def _hand_out(entry: _Entry) -> None:
+        """Give the gradients a backward wrote into ``entry.grads`` to their parameters: a copy becomes
+        ``.grad`` where it is ``None`` (freed again by ``zero_grad``, so no gradient memory is held
+        between steps), else it is added (gradient accumulation, or a gradient from elsewhere)."""
+        fresh = [(p, g) for p, g in zip(entry.params, entry.grads, strict=True) if p.grad is None]
+        held = [(p.grad, g) for p, g in zip(entry.params, entry.grads, strict=True) if p.grad is not None]
+        if fresh:
+            copies = [torch.empty_like(g) for _, g in fresh]
+            torch._foreach_copy_(copies, [g for _, g in fresh])
+            for (p, _), c in zip(fresh, copies, strict=True):
+                p.grad = c
+        if held:
+            torch._foreach_add_([h for h, _ in held], [g for _, g in held])
 
     def _fail(self, entry: _Entry, reason: str) -> None:
         entry.failed = reason
