@@ -170,6 +170,7 @@ def test_cuda_graphs_train_like_eager(tmp_path, policy):
     assert eager_report is None
     assert report is not None and not report["failed"], report
     assert report["captures"] == 2 * 3 and report["replays"] > 0, report  # forward + backward per layer
+    assert report["pool_bytes"] > 0, report
     assert any("packing" in reason for reason in report["eager"]), report
 
 
@@ -214,3 +215,20 @@ def test_cuda_graphs_give_up_on_changing_packing_layouts(tmp_path):
     assert differ == [MISMATCHES * layers], report  # then no more comparisons
     graphs = checkpoint_layers(model)[0]._gradient_checkpointing_func.graphs
     assert graphs.statics == {} and graphs._pool is None  # the static buffers and the pool are let go
+
+
+def test_live_peak_measures_what_a_function_held():
+    """The history-based measure the graph pool is sized by (graphs._reserve_pool)."""
+    from slipstream.train.graphs import live_peak
+
+    device = torch.device("cuda")
+    mib = 2**20
+
+    def work():
+        a = torch.empty(10 * mib, dtype=torch.uint8, device=device)
+        b = torch.empty(20 * mib, dtype=torch.uint8, device=device)
+        del a
+        c = torch.empty(6 * mib, dtype=torch.uint8, device=device)
+        del b, c
+
+    assert live_peak(work, device) == 30 * mib

@@ -150,6 +150,15 @@ def test_gradients_are_handed_out_like_autograd():
     assert torch.equal(written[0], torch.full((3,), 2.0))  # the static buffers are only read
 
 
+def test_peak_of_an_allocator_trace():
+    events = [{"action": "alloc", "addr": 1, "size": 10}, {"action": "alloc", "addr": 2, "size": 20},
+              {"action": "free_requested", "addr": 1, "size": 10}, {"action": "free_completed", "addr": 1},
+              {"action": "alloc", "addr": 3, "size": 5}, {"action": "free_requested", "addr": 99, "size": 64},
+              {"action": "segment_alloc", "addr": 7, "size": 1000}, {"action": "alloc", "addr": 4, "size": 6}]
+    assert g.peak_of(events) == 31  # 20 + 5 + 6 held at the end; the free of a block from before is ignored
+    assert g.peak_of([]) == 0
+
+
 LLAMA_8B = ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 
 

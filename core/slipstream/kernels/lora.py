@@ -298,18 +298,20 @@ class _LoraLinear(torch.autograd.Function):
             db = torch.zeros_like(lora_b) if need_b else None
             dbias = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtype) if need_bias else None
             return dx, dw, da, db, dbias, None, None, None
-        if need_x or need_a:
-            dyb = torch.mm(dy2, ADAPTER_CASTS.get(lora_b, dt, TAKE))  # (M, r)
-            if need_x:
-                dx = _grad_input(dy2, weight, dyb, ADAPTER_CASTS.get(lora_a, dt, TAKE), s, cfg).view(ctx.x_shape)
-            if need_a:
-                da = _as(_scaled(torch.mm(dyb.t(), x2), s), lora_a.dtype)
+        dyb = torch.mm(dy2, ADAPTER_CASTS.get(lora_b, dt, TAKE)) if need_x or need_a else None  # (M, r)
+        if need_a:
+            da = _as(_scaled(torch.mm(dyb.t(), x2), s), lora_a.dtype)
         if need_b:
             db = _as(_scaled(torch.mm(dy2.t(), xa), s), lora_b.dtype)
         if need_w:
             dw = _as(torch.mm(dy2.t(), x2), dense.dtype)
         if need_bias:
             dbias = _as(dy2.sum(0), ctx.bias_dtype)
+        # x is done with: when it was recomputed for this backward (lean activations: the down
+        # projection's act(gate) * up) this reference is its last, so dX below can take its memory
+        del x2
+        if need_x:
+            dx = _grad_input(dy2, weight, dyb, ADAPTER_CASTS.get(lora_a, dt, TAKE), s, cfg).view(ctx.x_shape)
         return dx, dw, da, db, dbias, None, None, None
 
 

@@ -206,6 +206,7 @@ class LayerGraphs:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pool: tuple | None = None
+        self._reservation: torch.cuda.CUDAGraph | None = None  # see _reserve_pool
         self.entries: dict[tuple, _Entry] = {}
         self.statics: dict[tuple, _Statics] = {}
         self.grad_buffers: dict[tuple, list[torch.Tensor]] = {}  # parameter shapes -> static gradient buffers
@@ -245,6 +246,7 @@ class LayerGraphs:
         """Let go of the static buffers, gradient buffers and pool (once no graph can replay)."""
         self.statics.clear()
         self.grad_buffers.clear()
+        self._reservation = None
         self._pool = None
 
     def _describe(self, function: Callable, hidden: torch.Tensor, rest: tuple) -> LayerCall:
@@ -439,9 +441,9 @@ class LayerGraphs:
         self._hand_out(entry)
         result = gx  # a fresh tensor of the eager run: the capture below writes only static buffers
         del gx, grads, used
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with _quiet(), torch.cuda.graph(graph, pool=self.pool):
+
+        def record(graph: torch.cuda.CUDAGraph, pool: tuple) -> None:
+            with _quiet(), torch.cuda.graph(graph, pool=pool):
                 gx, grads = self._differentiate(call, statics, hidden_grad, rerun)
                 if gx is not None:
                     statics.result.copy_(gx)
@@ -450,13 +452,44 @@ class LayerGraphs:
                     raise Ungraphable("the parameters with gradients changed between two recomputes")
                 if grads:
                     torch._foreach_copy_(entry.grads, grads)
-                del gx, grads
+
+        graph = torch.cuda.CUDAGraph()
+        try:
+            if self._reservation is None:
+                self._reserve_pool(record)
+            record(graph, self.pool)
         except Exception as exc:  # noqa: BLE001
             self._fail(entry, f"capturing the backward failed ({type(exc).__name__}: {exc})")
             return True, result
         entry.backward = graph
         self.captures += 1
         return True, result
+
+    def _reserve_pool(self, record: Callable[[torch.cuda.CUDAGraph, tuple], None]) -> None:
+        """Make the pool one block as large as a layer backward's temporaries at their peak.
+
+        Captured into an empty pool, a backward's temporaries each get a segment of their own size,
+        and freed segments can't merge: on the H100 (W8B bf16) the pool grew to 818 MiB for a live
+        peak of 659 MiB. So the first backward is captured once into a scratch pool while the
+        allocator records its history, which gives that peak; the scratch graph is dropped and the
+        pool starts as one block of the peak plus 1/16, from which every later capture allocates.
+        Without a recorded peak (another recorder is active) the pool grows as captures need.
+        """
+        probes: list[torch.cuda.CUDAGraph] = []
+
+        def probe() -> None:
+            probes.append(torch.cuda.CUDAGraph())
+            record(probes[-1], torch.cuda.graph_pool_handle())
+
+        peak = live_peak(probe, self.device)
+        probes.clear()  # the scratch pool is freed at the next capture (torch.cuda.graph empties the cache)
+        reservation = torch.cuda.CUDAGraph()
+        if peak:
+            nbytes = peak + peak // 16
+            with _quiet(), torch.cuda.graph(reservation, pool=self.pool):
+                block = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                del block
+        self._reservation = reservation  # holds the pool until the first real graph does
 
     @staticmethod
     def _hand_out(entry: _Entry) -> None:
@@ -496,6 +529,43 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def live_peak(fn: Callable[[], object], device: torch.device) -> int | None:
+    """The most bytes that ``fn()``'s allocations on ``device`` held at once, from the caching
+    allocator's recorded history; ``None`` where the history can't be had (or someone else is
+    recording it: their recording is left alone)."""
+    memory = torch.cuda.memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    try:
+        if any(memory._snapshot(device).get("device_traces", [])):
+            fn()
+            return None
+        memory._record_memory_history(enabled="all", context=None, max_entries=1_000_000, device=device)
+    except Exception:  # noqa: BLE001 - the history API is private and may change: do without it
+        fn()
+        return None
+    try:
+        fn()
+        traces = memory._snapshot(device).get("device_traces", [])
+    finally:
+        memory._record_memory_history(enabled=None, device=device)
+    return peak_of(traces[index] if index < len(traces) else []) or None
+
+
+def peak_of(events: list[dict]) -> int:
+    """The most bytes held at once by the allocations in an allocator trace (``alloc`` /
+    ``free_requested`` events; frees of blocks allocated before the trace are ignored)."""
+    live: dict[int, int] = {}
+    held = peak = 0
+    for e in events:
+        if e.get("action") == "alloc":
+            live[e["addr"]] = e["size"]
+            held += e["size"]
+            peak = max(peak, held)
+        elif e.get("action") == "free_requested":
+            held -= live.pop(e.get("addr"), 0)
+    return peak
+
+
 def pool_bytes(pool: object) -> int:
     """Bytes of device memory reserved by a graph memory pool (what its graphs' temporaries use)."""
     try:
@@ -506,4 +576,4 @@ def pool_bytes(pool: object) -> int:
 
 
 __all__ = ["EAGER_CALLS", "LayerCall", "LayerGraphs", "Ungraphable", "dropout_in", "enabled_for", "layer_of",
-           "pool_bytes"]
+           "live_peak", "peak_of", "pool_bytes"]
