@@ -44,8 +44,9 @@ def pool_of(addr: int, ranges: list[tuple[int, int, tuple]]) -> tuple:
 MARKER = "_memory_marker"  # w8b.py allocates a tiny tensor in a function of this name between steps
 
 
-def analyse(snapshot: dict, top: int = 25) -> str:
-    """The report: per window between markers (steps) and per pool, the live peak and who holds it."""
+def analyse(snapshot: dict, top: int = 25, exclude: str = "") -> str:
+    """The report: per window between markers (steps) and per pool, the live peak and who holds it.
+    ``exclude``: leave out allocations whose site contains this text (the peak of everything else)."""
     segments = snapshot.get("segments", [])
     ranges = [(s["address"], s["address"] + s["total_size"], tuple(s.get("segment_pool_id", (0, 0))))
               for s in segments]
@@ -54,6 +55,8 @@ def analyse(snapshot: dict, top: int = 25) -> str:
         reserved[pool] += end - start
     traces = snapshot.get("device_traces", [[]])
     events = max(traces, key=len) if traces else []
+    if exclude:
+        events = _without(events, exclude)
     counts: dict[str, int] = defaultdict(int)
     for e in events:
         counts[e.get("action")] += 1
@@ -77,6 +80,21 @@ def analyse(snapshot: dict, top: int = 25) -> str:
     lines.append(f"last window: default-pool live peak {default_last / 2**30:.3f} GiB + private pools reserved "
                  f"{private / 2**30:.3f} GiB = {(default_last + private) / 2**30:.3f} GiB")
     return "\n".join(lines)
+
+
+def _without(events: list[dict], exclude: str) -> list[dict]:
+    """``events`` less the allocations (and their frees) whose site contains ``exclude``."""
+    kept, hidden = [], set()
+    for e in events:
+        addr = e.get("addr")
+        if e.get("action") == "alloc" and exclude in site(e.get("frames", [])):
+            hidden.add(addr)
+        elif e.get("action") in ("free_requested", "free_completed") and addr in hidden:
+            if e.get("action") == "free_completed":
+                hidden.discard(addr)
+        else:
+            kept.append(e)
+    return kept
 
 
 def _is_marker(e: dict) -> bool:
@@ -119,9 +137,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("snapshot")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--exclude", default="", help="leave out allocations whose site contains this text")
     a = ap.parse_args()
     with open(a.snapshot, "rb") as f:
-        print(analyse(pickle.load(f), a.top))
+        print(analyse(pickle.load(f), a.top, a.exclude))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """W8B: the side-by-side LoRA training workload, slipstream's side.
 
 Llama-3.1-8B-shaped model with random weights, LoRA r=16 on all 7 projections, batch 2 x 2048,
-AdamW; bf16 or NF4 base. One JSON line per run with tokens/s (median step after warm-up, which
+AdamW (fused on CUDA, as the Trainer uses it; the peers' runners use torch's default); bf16 or NF4 base. One JSON line per run with tokens/s (median step after warm-up, which
 also covers the dispatcher's one-time tuning and the CUDA graph captures) and peak GiB (allocated,
 reset after warm-up, plus the whole CUDA graph pool: replays never go through the allocator, so its
 peak alone would not see the graphs' temporaries).
@@ -95,7 +95,8 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # as slipstream's Trainer builds it: fused on CUDA (no per-step temporaries the size of the adapters)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
     gen = torch.Generator(device=device).manual_seed(1)
     if prewarm_seq:  # compile kernels on a short sequence, so a long-context step is timed without JIT work
         ids = torch.randint(0, cfg.vocab_size, (bsz, prewarm_seq), device=device, generator=gen)

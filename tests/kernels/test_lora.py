@@ -400,3 +400,48 @@ def test_aot_units_compile_for_sm90():
         "for config in kernel.configs:\n    first.setdefault(config['base'], config)\n"
         "units = [u for config in first.values() for u in kernel.aot(config)]")
     assert any("lora_gemm" in name for name, _, _ in results)
+
+
+# ----------------------------------------------------------------------------- 4-bit bases in row pieces
+@pytest.mark.parametrize("base", ["nf4", "bnb-nf4"])  # bnb-nf4: double quantised, cuts follow its nested blocks
+def test_row_pieces_dequantise_to_the_whole(monkeypatch, base):
+    monkeypatch.setattr(lora_kernels, "DEQUANT_PIECE_BYTES", 24 * 64 * 2)  # ~24 rows of K=64 per piece
+    _, qw, *_ = make_args(1, 64, 600, 4, torch.float32, base=base)
+    pieces = lora_kernels.row_pieces(qw)
+    # single-level blocks of 64 allow a cut after any row; a nested absmax entry covers 256 rows of 64
+    assert len(pieces) == (25 if base == "nf4" else 3)
+    assert [r0 for r0, _, _ in pieces] == [0, *[r1 for _, r1, _ in pieces[:-1]]] and pieces[-1][1] == 600
+    whole = qw.dequantize()
+    for r0, r1, piece in pieces:
+        assert piece.packed.data_ptr() >= qw.packed.data_ptr()  # a view: no copy of the codes
+        torch.testing.assert_close(piece.dequantize(), whole[r0:r1], rtol=0, atol=0)
+    assert lora_kernels.row_pieces(qw) is pieces  # cut once per weight
+
+
+def test_row_pieces_keep_a_weight_whole_when_small_or_uncuttable(monkeypatch):
+    _, qw, *_ = make_args(1, 64, 200, 4, torch.float32, base="nf4")
+    assert [(r0, r1) for r0, r1, _ in lora_kernels.row_pieces(qw)] == [(0, 200)]  # 25 KiB: under the bound
+    monkeypatch.setattr(lora_kernels, "DEQUANT_PIECE_BYTES", 64)
+    _, odd, *_ = make_args(1, 33, 64, 4, torch.float32, base="nf4")  # a block of 64 spans rows of 33
+    pieces = lora_kernels.row_pieces(odd)
+    assert [(r0, r1) for r0, r1, _ in pieces][0][0] == 0 and pieces[-1][1] == 64
+    torch.testing.assert_close(torch.cat([p.dequantize() for _, _, p in pieces]), odd.dequantize(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1]], ids=["cublas", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_4bit_base_in_pieces_matches_reference(monkeypatch, dtype, config):
+    """Forward and every gradient with the base dequantised and multiplied piece by piece."""
+    monkeypatch.setattr(lora_kernels, "DEQUANT_PIECE_BYTES", 16 * 64 * 2)
+    args = frozen_base(make_args(9, 64, 40, 4, dtype, base="nf4", bias=True), bias=True)
+    assert len(lora_kernels.row_pieces(args[1])) > 1
+    assert_matches_reference(SPEC, with_config(config), args)
+    k = 64
+    x = torch.randn(2, 5, k).to(dtype).requires_grad_()
+    weights, a_s, b_s = [], [], []
+    for n in (40, 24):
+        _, w, a, b, _, _ = frozen_base(make_args(1, k, n, 4, dtype, base="nf4"))
+        weights.append(w)
+        a_s.append(a)
+        b_s.append(b)
+    _judge_group(x, weights, a_s, b_s, [2.0, 0.5], [None, None], config)

@@ -50,6 +50,9 @@ space, kernels and input predicate (applied to every projection) as ``lora_linea
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -205,6 +208,45 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- building blocks
+DEQUANT_PIECE_BYTES = 64 * 2**20  # a 4-bit base is dequantised in row pieces of at most this many bf16 bytes
+_PIECES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def row_pieces(qw: QuantizedWeight) -> list[tuple[int, int, QuantizedWeight]]:
+    """``qw`` as ``(first row, end row, QuantizedWeight of those rows)`` pieces whose dense bf16 form
+    is at most :data:`DEQUANT_PIECE_BYTES` (one piece when it already is, or when the quantisation
+    blocks don't allow a cut on a row boundary). Dequantising and multiplying piece by piece bounds
+    the dense temporary: a Llama-3.1-8B MLP weight is 112 MiB dense, and it used to be alive at the
+    layer backward's memory peak. Pieces are views of ``qw``'s storage, made once per weight."""
+    found = _PIECES.get(qw)
+    if found is None:
+        found = _PIECES[qw] = _cut_rows(qw)
+    return found
+
+
+def _cut_rows(qw: QuantizedWeight) -> list[tuple[int, int, QuantizedWeight]]:
+    n, k = qw.shape
+    pieces = -(-n * k * 2 // DEQUANT_PIECE_BYTES)
+    per_absmax = qw.blocksize * (qw.nested_blocksize or 1)  # elements per nested absmax entry
+    step = per_absmax // math.gcd(per_absmax, k)  # rows per cut that keep both block levels whole
+    per_piece = -(-n // max(1, pieces))
+    rows = -(-per_piece // step) * step
+    if pieces <= 1 or rows >= n or (n * k) % qw.blocksize:
+        return [(0, n, qw)]
+    packed, out = qw.packed.reshape(-1), []
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        e0, e1 = r0 * k, r1 * k
+        b0, b1 = e0 // qw.blocksize, -(-e1 // qw.blocksize)
+        nested = {}
+        if qw.double_quant:
+            nested = {"nested_absmax": qw.nested_absmax[b0 // qw.nested_blocksize:-(-b1 // qw.nested_blocksize)]}
+        piece = dataclasses.replace(qw, packed=packed[e0 // 2:e1 // 2], absmax=qw.absmax[b0:b1], shape=(r1 - r0, k),
+                                    **nested)
+        out.append((r0, r1, piece))
+    return out
+
+
 def _materialise(weight: torch.Tensor | QuantizedWeight, dtype: torch.dtype, cfg: dict) -> torch.Tensor:
     """The base weight (N, K) in ``dtype``: the tensor itself when it already is, else a temporary
     (dequantised by the Triton kernel, or cast) that the caller drops right after its GEMM."""
@@ -224,16 +266,21 @@ def _base_plus_lora(x2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bi
     n = weight.shape[0]
     if x2.shape[0] == 0:
         return x2.new_zeros((0, n))
-    w = _materialise(weight, x2.dtype, cfg)
     if cfg["base"] == "triton":
-        return _gemm_lora(x2, w, xa, b_c, scaling, bias, cfg, forward=True)
+        return _gemm_lora(x2, _materialise(weight, x2.dtype, cfg), xa, b_c, scaling, bias, cfg, forward=True)
     if bias is None:
         out = x2.new_empty((x2.shape[0], n)).addmm_(xa, b_c.t(), beta=0, alpha=scaling)
     else:
         out = torch.addmm(bias, xa, b_c.t(), alpha=scaling)
-    out.addmm_(x2, w.t())
-    del w  # a dequantised temporary goes back to the allocator before the next GEMM
+    for r0, r1, piece in _pieces(weight):
+        w = _materialise(piece, x2.dtype, cfg)
+        (out if r1 - r0 == n else out[:, r0:r1]).addmm_(x2, w.t())
+        del w  # a dequantised temporary goes back to the allocator before the next GEMM
     return out
+
+
+def _pieces(weight: torch.Tensor | QuantizedWeight) -> list[tuple[int, int, torch.Tensor | QuantizedWeight]]:
+    return row_pieces(weight) if isinstance(weight, QuantizedWeight) else [(0, weight.shape[0], weight)]
 
 
 def _grad_input(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, left: torch.Tensor,
@@ -241,16 +288,14 @@ def _grad_input(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, left:
                 out: torch.Tensor | None = None) -> torch.Tensor:
     """(M, K) ``dy2 @ W + alpha * left @ right`` (``+ out`` in place when given); on the cuBLAS path
     the LoRA term first and the base GEMM accumulating onto it, as in :func:`_base_plus_lora`."""
-    w = _materialise(weight, dy2.dtype, cfg)
     if cfg["base"] == "triton":
-        return _gemm_lora(dy2, w, left, right, alpha, None, cfg, forward=False, out=out)
+        return _gemm_lora(dy2, _materialise(weight, dy2.dtype, cfg), left, right, alpha, None, cfg, forward=False,
+                          out=out)
     if out is None:
-        out = dy2.new_empty((dy2.shape[0], w.shape[1])).addmm_(left, right, beta=0, alpha=alpha)
+        out = dy2.new_empty((dy2.shape[0], weight.shape[1])).addmm_(left, right, beta=0, alpha=alpha)
     else:
         out.addmm_(left, right, alpha=alpha)
-    out.addmm_(dy2, w)
-    del w
-    return out
+    return _accumulate_base(out, dy2, weight, cfg)
 
 
 def _resolve(config: dict | None) -> dict:
@@ -423,9 +468,13 @@ class _LoraGroup(torch.autograd.Function):
 
 def _accumulate_base(dx: torch.Tensor, dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight,
                      cfg: dict) -> torch.Tensor:
-    """``dx += dy2 @ W`` in place (the second and later projections of a group)."""
-    w = _materialise(weight, dy2.dtype, cfg)
-    return dx.addmm_(dy2, w)
+    """``dx += dy2 @ W`` in place (a 4-bit ``W`` piece by piece, see :func:`row_pieces`)."""
+    n = weight.shape[0]
+    for r0, r1, piece in _pieces(weight):
+        w = _materialise(piece, dy2.dtype, cfg)
+        dx.addmm_(dy2 if r1 - r0 == n else dy2[:, r0:r1], w)
+        del w
+    return dx
 
 
 def lora_linear_group(

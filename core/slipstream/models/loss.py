@@ -64,8 +64,12 @@ def causal_lm_loss(
     num_items_in_batch: object = None,
     ignore_index: int = -100,
     softcap: float | None = None,
+    graphs: object | None = None,
 ) -> torch.Tensor:
-    """transformers' ``ForCausalLMLoss`` of ``head(hidden)`` without materialising the logits."""
+    """transformers' ``ForCausalLMLoss`` of ``head(hidden)`` without materialising the logits.
+
+    ``graphs``: the model's :class:`slipstream.train.graphs.LayerGraphs`, when its checkpointed
+    layers replay from CUDA graphs: a frozen head's loss then replays from a graph in their pool."""
     if shift_labels is None:
         shift_labels = F.pad(labels.to(hidden.device), (0, 1), value=ignore_index)[..., 1:]
     h = hidden.reshape(-1, hidden.shape[-1])
@@ -86,7 +90,16 @@ def causal_lm_loss(
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = ops.linear_cross_entropy(h, weight, target, bias, ignore_index, reduction, softcap, 1.0)
+
+    def run(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return ops.linear_cross_entropy(h, weight, target, bias, ignore_index, reduction, softcap, 1.0)
+
+    loss = None
+    if graphs is not None and weight is head.weight and bias is head.bias and not weight.requires_grad \
+            and (bias is None or not bias.requires_grad):
+        loss = graphs.loss(run, h, target, (id(weight), id(bias), ignore_index, reduction, softcap))
+    if loss is None:
+        loss = run(h, target)
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -117,7 +130,8 @@ def causal_lm_forward(self: nn.Module, *args: object, **kwargs: object) -> objec
     loss_kwargs = {k: extra.pop(k) for k in LOSS_KWARGS if k in extra}
     outputs = getattr(self, cfg.decoder)(**arguments, **extra)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    loss = causal_lm_loss(hidden, head, labels, softcap=cfg.softcap, **loss_kwargs)
+    loss = causal_lm_loss(hidden, head, labels, softcap=cfg.softcap,
+                          graphs=self.__dict__.get("_slipstream_layer_graphs"), **loss_kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     result = CausalLMOutputWithPast(

@@ -200,14 +200,41 @@ class _Entry:
     failed: str = ""
 
 
+@dataclass
+class _LossEntry:
+    """The causal-LM loss of one call shape: its graph and static buffers (see LayerGraphs.loss)."""
+
+    graph: torch.cuda.CUDAGraph | None = None
+    hidden: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    grad: torch.Tensor | None = None
+    failed: str = ""
+
+
+class _ReplayedLoss(torch.autograd.Function):
+    """A loss computed by a graph, with its gradient with respect to ``hidden`` computed alongside."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(grad)
+        return loss.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None
+
+
 class LayerGraphs:
-    """Captures and replays the checkpointed layers of one model on one CUDA device."""
+    """Captures and replays the checkpointed layers (and the loss) of one model on one CUDA device."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pool: tuple | None = None
         self._reservation: torch.cuda.CUDAGraph | None = None  # see _reserve_pool
         self.entries: dict[tuple, _Entry] = {}
+        self.losses: dict[tuple, _LossEntry] = {}
         self.statics: dict[tuple, _Statics] = {}
         self.grad_buffers: dict[tuple, list[torch.Tensor]] = {}  # parameter shapes -> static gradient buffers
         self.replays = 0
@@ -246,6 +273,7 @@ class LayerGraphs:
         """Let go of the static buffers, gradient buffers and pool (once no graph can replay)."""
         self.statics.clear()
         self.grad_buffers.clear()
+        self.losses.clear()
         self._reservation = None
         self._pool = None
 
@@ -491,6 +519,69 @@ class LayerGraphs:
                 del block
         self._reservation = reservation  # holds the pool until the first real graph does
 
+    # ------------------------------------------------------------------ loss
+    def loss(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+             target: torch.Tensor, key: tuple) -> torch.Tensor | None:
+        """``fn(hidden, target)`` (a scalar loss of frozen weights) replayed from a graph in the
+        layers' pool, or ``None``: the caller computes it eagerly.
+
+        Why: the loss's temporaries (``linear_cross_entropy``'s logits chunk, 250 MiB for W8B) sit
+        next to the pool, whose memory is idle while the loss runs; captured into the pool they use
+        that memory instead. The graph computes the loss and its gradient with respect to ``hidden``
+        (the op finishes its gradients in forward anyway). It is captured once the layers' pool is
+        sized (after their first backward capture, so kernels are tuned by then); ``target`` is
+        copied in like ``hidden``; ``key`` holds what else the graph depends on (weights, options).
+        """
+        if self.disabled or self._reservation is None or not hidden.requires_grad or target.requires_grad:
+            return None
+        key = (key, _tensor_key(hidden), _tensor_key(target), _autocast_key(hidden.device.type))
+        entry = self.losses.get(key)
+        if entry is None:
+            if len(self.losses) >= MAX_SHAPES:
+                return None
+            entry = self.losses[key] = _LossEntry()
+        if entry.failed:
+            return None
+        if entry.graph is None:
+            return self._capture_loss(fn, entry, hidden, target)
+        entry.hidden.copy_(hidden)
+        entry.target.copy_(target)
+        entry.graph.replay()
+        self.replays += 1
+        return _ReplayedLoss.apply(hidden, entry.loss, entry.grad.clone())
+
+    @staticmethod
+    def _loss_and_grad(fn: Callable, entry: _LossEntry) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            hs = entry.hidden.detach().requires_grad_()
+            loss = fn(hs, entry.target)
+            (grad,) = torch.autograd.grad(loss, hs)
+        return loss.detach(), grad
+
+    def _capture_loss(self, fn: Callable, entry: _LossEntry, hidden: torch.Tensor,
+                      target: torch.Tensor) -> torch.Tensor | None:
+        entry.hidden, entry.target = hidden.detach().clone(), target.detach().clone()
+        try:
+            loss, grad = self._loss_and_grad(fn, entry)  # this call's result
+        except Exception:  # noqa: BLE001 - let the eager call raise it, with its own traceback
+            self.losses.pop(next(k for k, e in self.losses.items() if e is entry))
+            return None
+        entry.loss, entry.grad = torch.empty_like(loss), torch.empty_like(grad)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with _quiet(), torch.cuda.graph(graph, pool=self.pool):
+                replayed_loss, replayed_grad = self._loss_and_grad(fn, entry)
+                entry.loss.copy_(replayed_loss)
+                entry.grad.copy_(replayed_grad)
+                del replayed_loss, replayed_grad
+        except Exception as exc:  # noqa: BLE001 - the loss runs eagerly from now on
+            reason = f"capturing the loss failed ({type(exc).__name__}: {exc})"
+            entry.failed, entry.hidden, entry.target, entry.loss, entry.grad = reason, None, None, None, None
+            _report(reason, "the loss runs without a CUDA graph")
+            return _ReplayedLoss.apply(hidden, loss, grad)
+        entry.graph = graph
+        return _ReplayedLoss.apply(hidden, loss, grad)
+
     @staticmethod
     def _hand_out(entry: _Entry) -> None:
         """Give the gradients a backward wrote into ``entry.grads`` to their parameters: a copy becomes
@@ -511,15 +602,21 @@ class LayerGraphs:
         entry.forward = entry.backward = None
         if all(e.failed for e in self.entries.values()):  # nothing replays any more: give the memory back
             self._release()
-        if reason not in _REPORTED:  # once per reason, on stderr: the layer still trains, only slower
-            _REPORTED.add(reason)
-            print(f"slipstream: a checkpointed layer runs without CUDA graphs: {reason}", file=sys.stderr)
+        _report(reason, "a checkpointed layer runs without CUDA graphs")
 
     def report(self) -> dict:
         """Counters for logs and benchmarks: graphs captured, replays, why calls ran eagerly."""
         failed = sorted({e.failed for e in self.entries.values() if e.failed})
         return {"captures": self.captures, "replays": self.replays, "eager": dict(self.skipped), "failed": failed,
+                "loss_graphs": sum(e.graph is not None for e in self.losses.values()),
                 "pool_bytes": pool_bytes(self._pool) if self._pool is not None else 0}
+
+
+def _report(reason: str, what: str) -> None:
+    """One line on stderr per reason: training goes on, only slower."""
+    if reason not in _REPORTED:
+        _REPORTED.add(reason)
+        print(f"slipstream: {what}: {reason}", file=sys.stderr)
 
 
 @contextmanager

@@ -100,6 +100,8 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
     if name != "none" and config is not None and getattr(config, "use_cache", False):
         config.use_cache = False
     object.__setattr__(_unwrap(model), "_slipstream_checkpointing", name)
+    # the causal-LM loss replays from a graph in the same pool (models.loss, LayerGraphs.loss)
+    object.__setattr__(_unwrap(model), "_slipstream_layer_graphs", getattr(func, "graphs", None))
     return name
 
 
@@ -321,10 +323,10 @@ def graph_report(model: torch.nn.Module) -> dict | None:
     found = _layer_graphs(model)
     if not found:
         return None
-    total: dict = {"captures": 0, "replays": 0, "eager": {}, "failed": [], "pool_bytes": 0}
+    total: dict = {"captures": 0, "replays": 0, "eager": {}, "failed": [], "loss_graphs": 0, "pool_bytes": 0}
     for graphs in found:
         one = graphs.report()
-        for k in ("captures", "replays", "pool_bytes"):
+        for k in ("captures", "replays", "loss_graphs", "pool_bytes"):
             total[k] += one[k]
         for reason, n in one["eager"].items():
             total["eager"][reason] = total["eager"].get(reason, 0) + n
