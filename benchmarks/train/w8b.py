@@ -1,10 +1,11 @@
 """W8B: the side-by-side LoRA training workload, slipstream's side.
 
 Llama-3.1-8B-shaped model with random weights, LoRA r=16 on all 7 projections, batch 2 x 2048,
-AdamW (fused on CUDA, as the Trainer uses it; the peers' runners use torch's default); bf16 or NF4 base. One JSON line per run with tokens/s (median step after warm-up, which
-also covers the dispatcher's one-time tuning and the CUDA graph captures) and peak GiB (allocated,
-reset after warm-up, plus the whole CUDA graph pool: replays never go through the allocator, so its
-peak alone would not see the graphs' temporaries).
+AdamW (fused on CUDA, as the Trainer builds it; the peers' runners use torch's default); bf16 or NF4
+base. One JSON line per run with tokens/s (median step after warm-up, which also covers the
+dispatcher's one-time tuning and the CUDA graph captures) and peak GiB (allocated, reset after
+warm-up, plus the whole CUDA graph pool: replays never go through the allocator, so its peak alone
+would not see the graphs' temporaries).
 The peers (transformers + peft, Liger-Kernel) run through ../shared/peers/gpu_baseline.py, one
 system per process, on the same GPU (see run_all.sh).
 

@@ -405,16 +405,19 @@ class LayerGraphs:
         return out
 
     # ------------------------------------------------------------------ backward
-    def backward(self, call: LayerCall, x: torch.Tensor, grad: torch.Tensor, hidden_grad: bool,
+    def backward(self, call: LayerCall, box: list[torch.Tensor], grad: torch.Tensor, hidden_grad: bool,
                  rerun: Callable[[], object]) -> tuple[bool, torch.Tensor | None]:
         """Recompute and differentiate the layer through its graph: ``(True, grad of x)``, parameter
-        gradients added to ``.grad``. ``(False, None)``: the caller runs it eagerly. ``rerun`` enters
-        the contexts of the recompute (autocast, lean activations).
+        gradients added to ``.grad``. ``(False, None)``: the caller runs it eagerly. ``box`` holds the
+        layer input ``x``: a replay takes it out once it is copied in, so its memory is free before
+        the replay's outputs are allocated (``box`` is left as it was when the caller runs eagerly).
+        ``rerun`` enters the contexts of the recompute (autocast, lean activations).
 
         A layer's backward is captured on its second call (the first tunes the kernels), before its
         forward: the backward's temporaries are the larger, so capturing them first into the shared
         pool lets the forward's reuse their blocks (the other order left the pool a fifth larger).
         """
+        x = box[0]
         entry = self.entries.get(call.key)
         if entry is None or entry.failed or grad is None or grad.shape != x.shape:
             return False, None
@@ -422,7 +425,8 @@ class LayerGraphs:
         if entry.backward is not None and statics is not None:
             if not self._load(call, statics):
                 return False, None
-            statics.hidden.copy_(x)
+            statics.hidden.copy_(box.pop())
+            del x
             statics.grad_in.copy_(grad)
             entry.backward.replay()
             self.replays += 1
@@ -560,13 +564,22 @@ class LayerGraphs:
 
     def _capture_loss(self, fn: Callable, entry: _LossEntry, hidden: torch.Tensor,
                       target: torch.Tensor) -> torch.Tensor | None:
-        entry.hidden, entry.target = hidden.detach().clone(), target.detach().clone()
+        # the layers' static input and result buffers are idle while the loss runs: when one call
+        # shape matches, the loss's input and gradient live there instead of in buffers of their own
+        shared = next((st for st in self.statics.values()
+                       if st.hidden.numel() == hidden.numel() and st.hidden.dtype == hidden.dtype), None)
+        if shared is not None:
+            entry.hidden, entry.grad = shared.hidden.view(hidden.shape), shared.result.view(hidden.shape)
+        else:
+            entry.hidden, entry.grad = torch.empty_like(hidden), torch.empty_like(hidden)
+        entry.hidden.copy_(hidden)
+        entry.target = target.detach().clone()
         try:
             loss, grad = self._loss_and_grad(fn, entry)  # this call's result
         except Exception:  # noqa: BLE001 - let the eager call raise it, with its own traceback
             self.losses.pop(next(k for k, e in self.losses.items() if e is entry))
             return None
-        entry.loss, entry.grad = torch.empty_like(loss), torch.empty_like(grad)
+        entry.loss = torch.empty_like(loss)
         graph = torch.cuda.CUDAGraph()
         try:
             with _quiet(), torch.cuda.graph(graph, pool=self.pool):

@@ -215,14 +215,15 @@ class _OffloadedLayer(torch.autograd.Function):
         saved: _Saved = ctx.saved
         if saved.prev is not None:
             saved.prev.prefetch()  # overlap the previous layer's copy-back with this layer's recompute
-        x = saved.fetch().detach().requires_grad_(ctx.hidden_grad)
+        box = [saved.fetch().detach().requires_grad_(ctx.hidden_grad)]
         saved.prev = None
         skip = (None, None, None, None)
-        if ctx.call is not None:
-            done, gx = ctx.graphs.backward(ctx.call, x, grads[0], ctx.hidden_grad,
+        if ctx.call is not None:  # a replay takes the input out of the box once copied in (frees it)
+            done, gx = ctx.graphs.backward(ctx.call, box, grads[0], ctx.hidden_grad,
                                            lambda: _recompute_scope(ctx.autocast))
             if done:
                 return (*skip, gx, *([None] * len(ctx.args)))
+        x = box.pop()
         devices = [ctx.device.index or 0] if ctx.dev_rng is not None else []
         with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
             torch.set_rng_state(ctx.cpu_rng)
