@@ -179,8 +179,8 @@ def test_planner_counts_graph_memory_and_drops_graphs_before_recomputing_more():
     assert graphed.checkpointed_layers > plain.checkpointed_layers  # the graphs' memory: fewer layers kept
     extra = graphed.extra["graph_bytes"]
     assert graphed.need_bytes["partial"] <= graphed.budget_bytes
-    # W8B: pool (measured 0.99 GiB), static buffers and fp32 gradient buffers: about 1.3 GiB
-    assert 1.1 * 2**30 < extra < 1.5 * 2**30
+    # W8B: pool (measured 590 MiB) and three static layer-sized buffers (96 MiB): about 0.7 GiB
+    assert 0.6 * 2**30 < extra < 0.8 * 2**30
     tight = planned(1.8, graphs=True)  # offload fits, offload with graphs does not: no graphs
     assert tight.choice == "offload" and not tight.graphs and "without CUDA graphs" in tight.reason
 
