@@ -27,20 +27,24 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 _unused = contextvars.ContextVar("slipstream_output_values_unused", default=False)
 _expire = contextvars.ContextVar("slipstream_inputs_expire_in_backward", default=False)
 
 
 @contextmanager
-def output_values_unused(enabled: bool = True) -> Iterator[None]:
-    """Within the block, forward outputs' values may be left uncomputed (their backward stays exact)."""
-    token = _unused.set(bool(enabled))
+def _setting(var: contextvars.ContextVar, enabled: bool) -> Iterator[None]:
+    token = var.set(bool(enabled))
     try:
         yield
     finally:
-        _unused.reset(token)
+        var.reset(token)
+
+
+def output_values_unused(enabled: bool = True) -> AbstractContextManager[None]:
+    """Within the block, forward outputs' values may be left uncomputed (their backward stays exact)."""
+    return _setting(_unused, enabled)
 
 
 def output_values_are_unused() -> bool:
@@ -48,14 +52,9 @@ def output_values_are_unused() -> bool:
     return _unused.get()
 
 
-@contextmanager
-def inputs_expire_in_backward(enabled: bool = True) -> Iterator[None]:
+def inputs_expire_in_backward(enabled: bool = True) -> AbstractContextManager[None]:
     """Within the block, ops may overwrite their saved inputs with gradients in backward."""
-    token = _expire.set(bool(enabled))
-    try:
-        yield
-    finally:
-        _expire.reset(token)
+    return _setting(_expire, enabled)
 
 
 def inputs_may_be_overwritten() -> bool:

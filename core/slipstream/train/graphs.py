@@ -547,7 +547,7 @@ class LayerGraphs:
         if entry.failed:
             return None
         if entry.graph is None:
-            return self._capture_loss(fn, entry, hidden, target)
+            return self._capture_loss(fn, key, entry, hidden, target)
         entry.hidden.copy_(hidden)
         entry.target.copy_(target)
         entry.graph.replay()
@@ -562,7 +562,7 @@ class LayerGraphs:
             (grad,) = torch.autograd.grad(loss, hs)
         return loss.detach(), grad
 
-    def _capture_loss(self, fn: Callable, entry: _LossEntry, hidden: torch.Tensor,
+    def _capture_loss(self, fn: Callable, key: tuple, entry: _LossEntry, hidden: torch.Tensor,
                       target: torch.Tensor) -> torch.Tensor | None:
         # the layers' static input and result buffers are idle while the loss runs: when one call
         # shape matches, the loss's input and gradient live there instead of in buffers of their own
@@ -577,7 +577,7 @@ class LayerGraphs:
         try:
             loss, grad = self._loss_and_grad(fn, entry)  # this call's result
         except Exception:  # noqa: BLE001 - let the eager call raise it, with its own traceback
-            self.losses.pop(next(k for k, e in self.losses.items() if e is entry))
+            del self.losses[key]
             return None
         entry.loss = torch.empty_like(loss)
         graph = torch.cuda.CUDAGraph()
