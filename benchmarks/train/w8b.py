@@ -148,7 +148,8 @@ def run(shape: str, base: str, checkpointing: object, bsz: int, seq: int, steps:
     peak = torch.cuda.max_memory_allocated() + pool if cuda else 0  # replays never ask the allocator: add the pool
     result = dict(system="slipstream", shape=shape, base=base, checkpointing=str(checkpointing), bsz=bsz, seq=seq,
                 max_memory_gib=max_memory_gib,
-                plan=None if plan is None else f"{plan.choice}:{plan.checkpointed_layers}" + ("+lean" * plan.lean),
+                plan=None if plan is None else f"{plan.choice}:{plan.checkpointed_layers}" + ("+lean" * plan.lean)
+                + (f"+stash{plan.stash_layers}" if plan.stash_layers else ""),
                 step_s=round(med, 4), tok_s=round(bsz * seq / med), host_s=round(hosts[len(hosts) // 2], 4),
                 timed_steps=len(times), step_s_min=round(times[0], 4), step_s_max=round(times[-1], 4),
                 allocator_during_timed_steps=allocator, synchronising_calls=syncs,

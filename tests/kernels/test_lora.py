@@ -31,6 +31,7 @@ from tests.helpers import aot_compile_sm90, assert_matches_reference
 
 CPU = torch.device("cpu")
 TRITON_CONFIGS = [c for c in CONFIGS if c["base"] == "triton"]
+FUSED_CONFIGS = [c for c in CONFIGS if c["base"] == "fused"]
 
 
 def make_args(rows: int | tuple, k: int, n: int, r: int, dtype: torch.dtype, *,
@@ -229,7 +230,7 @@ def _judge_group(xs: torch.Tensor, weights, a_s, b_s, scalings, biases, config=N
                 f"{'output' if kind == 0 else 'grad'} {i}: {rel:.2e} rel / {peak:.2e} peak")
 
 
-@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1]], ids=["cublas", "triton"])
+@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1], *FUSED_CONFIGS[:1]], ids=["cublas", "triton", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_group_qkv(dtype, config):
     """q/k/v-like: different N, ranks and scalings; one dense, two 4-bit; biases on two."""
@@ -275,7 +276,7 @@ def test_group_single_projection_and_unused_output():
         lora_linear_group(x, [w, w], [a], [b], [s])
 
 
-@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1]], ids=["cublas", "triton"])
+@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1], *FUSED_CONFIGS[:1]], ids=["cublas", "triton", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_group_op_entry_matches_its_spec(dtype, config):
     """The registered entry (flat slots) on every small sample of the op: pairs, triples, 1 row, odd
@@ -379,8 +380,8 @@ def test_kernel_entry():
     for config in kernel.configs:
         units = kernel.aot(config)
         assert units and all(u.name for u in units)
-        if config["base"] == "triton":
-            assert any(u.fn is lora_kernels._gemm_lora_kernel for u in units)
+        if config["base"] in ("triton", "fused"):
+            assert any(u.fn is lora_kernels._lora_gemm_kernel for u in units)
 
 
 def test_accepts():
@@ -428,7 +429,7 @@ def test_row_pieces_keep_a_weight_whole_when_small_or_uncuttable(monkeypatch):
     torch.testing.assert_close(torch.cat([p.dequantize() for _, _, p in pieces]), odd.dequantize(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1]], ids=["cublas", "triton"])
+@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1], *FUSED_CONFIGS[:1]], ids=["cublas", "triton", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_4bit_base_in_pieces_matches_reference(monkeypatch, dtype, config):
     """Forward and every gradient with the base dequantised and multiplied piece by piece."""

@@ -78,8 +78,9 @@ def _run(x, weight, a, b, dy, config):
     return (out, *torch.autograd.grad(out, (x, a, b), dy))
 
 
-@pytest.mark.parametrize("config", [CONFIGS[0], next(c for c in CONFIGS if c["base"] == "triton")],
-                         ids=["cublas", "triton"])
+@pytest.mark.parametrize("config", [CONFIGS[0], next(c for c in CONFIGS if c["base"] == "triton"),
+                                    next(c for c in CONFIGS if c["base"] == "fused")],
+                         ids=["cublas", "triton", "fused"])
 def test_fp32_adapters_under_bf16_cast_once_per_step_and_give_the_same_results(casts, config):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
     x = torch.randn(19, 32, generator=gen).to(torch.bfloat16)

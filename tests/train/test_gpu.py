@@ -228,3 +228,66 @@ def test_live_peak_measures_what_a_function_held():
         del b, c
 
     assert live_peak(work, device) == 30 * mib
+
+
+@pytest.mark.parametrize("heads", [(8, 2), (4, 4)], ids=["gqa", "mha"])
+def test_kept_attention_replays_with_flash_gradients(heads):
+    """train.attention_stash on CUDA: the cuDNN or flash forward keeps (out, lse); the replay's
+    backward (that kernel's backward from them) gives SDPA's gradients (bf16: both against fp32 math)."""
+    import torch.nn.functional as F
+
+    from slipstream.train.attention_stash import Slot, attend, recording, replaying
+
+    gen = torch.Generator(device="cuda").manual_seed(random.randrange(2**31))
+    hq, hk = heads
+    q, k, v = (torch.randn(2, h, 1000, 128, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
+               for h in (hq, hk, hk))
+    dout = torch.randn(q.shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+    slot = Slot()
+    with torch.no_grad(), recording(slot):
+        kept = attend(q, k, v, True, None)
+    assert kept is not None and slot.entries[0].kernel in ("cudnn", "flash")
+    with replaying(slot):
+        out = attend(q, k, v, True, None)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hq != hk)
+    expected = torch.autograd.grad(sdpa, (q, k, v), dout)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    exact = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=hq != hk)
+    truth = torch.autograd.grad(exact, (qf, kf, vf), dout.float())
+    rel = lambda a, b: float((a.float() - b).norm() / b.norm())  # noqa: E731
+    assert rel(out, exact.detach()) < 1e-2 and rel(out, exact.detach()) <= 2 * rel(sdpa, exact.detach()) + 1e-3
+    for g, e, t in zip(got, expected, truth, strict=True):
+        assert rel(g, t) < 2e-2 and rel(g, t) <= 2 * rel(e, t) + 1e-3, (rel(g, t), rel(e, t))
+
+
+def test_offload_with_kept_attention_on_gpu(tmp_path, monkeypatch):
+    """Offloaded checkpointing with two layers keeping their attention output: same gradients as
+    without (fp32 activations are refused by the flash kernel, so bf16; tolerance: bf16 ulps)."""
+    from slipstream.train import attention_stash
+    from slipstream.train.offload import checkpoint_layers
+
+    monkeypatch.setenv("SLIPSTREAM_TUNE", "0")  # static kernel order: timing every candidate here takes minutes
+
+    model, _ = gpu_model(tmp_path, torch.bfloat16, num_hidden_layers=4, head_dim=64)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    perturb_lora_b(model, gen)
+    ids = torch.randint(10, 3000, (2, 256), generator=gen).cuda()
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        torch.cuda.synchronize()
+        return lora_grads(model)
+
+    apply_checkpointing(model, "offload", verbose=False, graphs=False)
+    grads()
+    reference = grads()
+    apply_checkpointing(model, "offload", verbose=False, graphs=False, stash_layers=2)
+    attention_stash.stats.reset()
+    got = grads()
+    assert attention_stash.stats.recorded == 2 and attention_stash.stats.replayed == 2, attention_stash.stats
+    assert not any(s.entries for s in checkpoint_layers(model)[0]._gradient_checkpointing_func._slots)
+    for name in got:
+        scale = float(reference[name].abs().max())
+        torch.testing.assert_close(got[name], reference[name], rtol=0, atol=2e-2 * scale, msg=name)

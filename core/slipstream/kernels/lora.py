@@ -35,6 +35,13 @@ Backward, with ``dY`` (M, N):
   ``dB  = scaling * dY.T @ xa``  (N, r)            one read of ``dY``
   ``dW  = dY.T @ x``                               only for a dense ``W`` that requires grad
   ``dbias = sum_rows(dY)``                         only if ``bias`` requires grad
+The ``"fused"`` base runs the whole backward of a projection as one Triton GEMM (``_lora_gemm_kernel``):
+``dYB`` accumulates in the dX main loop from the dY tiles it loads anyway, the dX epilogue adds
+``dYB @ A`` and writes per-row-tile partials of ``dYB.T @ x`` (the x tile it reads has the dX tile's
+position), and the first column tile of each row writes partials of ``dY.T @ xa``; two small sums
+finish dA and dB. Under :func:`slipstream.ops.hints.inputs_expire_in_backward` dX is written over x
+(each tile reads its x tile before storing there). Its forward likewise computes ``xa`` in the base
+GEMM's main loop. A 4-bit base cut into row pieces (below) takes the cuBLAS way.
 Each product runs only when its input requires grad. Adapters may be fp32 under a bf16/fp16 ``x``
 (peft's default): the (M, ·) products run in ``x``'s dtype on tensor cores with fp32 accumulation
 (``A``/``B`` are cast, r x K and N x r elements) and the adapter gradients are returned in the
@@ -59,11 +66,16 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side tensor descriptors (Triton >= 3.4); without them every launch uses pointer tiles
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
 from slipstream.kernels import nf4
 from slipstream.kernels._aot import AotUnit, ptr
 from slipstream.kernels._casts import ADAPTER_CASTS, TAKE, forward_use
 from slipstream.kernels._catalog import PortableKernel, interpreter_on, launch_options
-from slipstream.ops.hints import output_values_are_unused
+from slipstream.ops.hints import inputs_may_be_overwritten, output_values_are_unused
 from slipstream.ops.lora_linear_group import projections
 from slipstream.quant import QuantizedWeight
 
@@ -72,37 +84,57 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CONFIGS: list[dict] = [
     {"base": "cublas", "bytes": 2048, "num_warps": 4},
     {"base": "cublas", "bytes": 4096, "num_warps": 8},
-    {"base": "triton", "bytes": 2048, "num_warps": 4, "block_m": 128, "block_n": 256, "block_k": 64,
-     "gemm_warps": 8, "stages": 3, "group_m": 8},
     {"base": "triton", "bytes": 2048, "num_warps": 4, "block_m": 128, "block_n": 128, "block_k": 64,
-     "gemm_warps": 4, "stages": 4, "group_m": 8},
+     "gemm_warps": 8, "stages": 4, "group_m": 8},
+    {"base": "fused", "bytes": 4096, "num_warps": 8, "block_m": 128, "block_n": 128, "block_k": 64,
+     "gemm_warps": 8, "stages": 4, "group_m": 8, "tma": True},
+    {"base": "fused", "bytes": 4096, "num_warps": 8, "block_m": 128, "block_n": 256, "block_k": 64,
+     "gemm_warps": 8, "stages": 3, "group_m": 8, "tma": True},
 ]
 """Tuning space. ``base``: ``"cublas"`` runs the base GEMM with the vendor BLAS and accumulates the
 LoRA term in place (``addmm_``, one extra read+write of the output); ``"triton"`` runs a Triton GEMM
-that adds the LoRA term and bias in its epilogue (output written once; wins where the vendor GEMM's
-edge is smaller than one pass over the output). ``bytes``/``num_warps``: the NF4 dequantisation kernel
-(packed bytes per program, warps). ``block_*``/``gemm_warps``/``stages``/``group_m``: the Triton GEMM."""
+that adds the LoRA term and bias in its epilogue (output written once); ``"fused"`` also computes
+``x @ A.T`` (forward) and ``dY @ B`` (backward) in that GEMM's main loop from the tiles it already
+loaded, and the ``dA``/``dB`` partial products in it (x, dY read once each for everything). The Triton
+bases win where the vendor GEMM's edge is smaller than the LoRA passes they save (H100, torch 2.11:
+they do not; cuBLAS reaches 770 TFLOP/s at 4096^3, Triton 3.6 tiles ~600). ``bytes``/``num_warps``:
+the NF4 dequantisation kernel (packed bytes per program, warps). ``block_*``/``gemm_warps``/``stages``/
+``group_m``: the Triton GEMM; ``tma``: its A and W tiles fetched through tensor descriptors (NVIDIA
+Hopper's copy engine; 16-bit activations only, pointers otherwise); ``db``: ``"fused"`` (default) or
+``"mm"`` (dB as a separate GEMM)."""
 
 
-# ----------------------------------------------------------------------------- Triton GEMM + LoRA epilogue
+# ----------------------------------------------------------------------------- Triton GEMM + LoRA in one pass
 @triton.jit
-def _gemm_lora_kernel(
-    a_ptr,  # *T (M, R) row-major, leading dim lda: x (forward) or dY (backward)
-    w_ptr,  # *T (N, K) row-major base weight, leading dim ldw
-    l_ptr,  # *T (M, RANK) row-major, leading dim ldl: xa (forward) or dY @ B (backward)
-    f_ptr,  # *T row-major, leading dim ldf: B (N, RANK) forward, A (RANK, K) backward
-    bias_ptr,  # *T (NOUT,) (HAS_BIAS only)
-    c_ptr,  # *T (M, NOUT) row-major, leading dim ldc
+def _lora_gemm_kernel(
+    a_ptr,  # *T (M, R), unit column stride, row stride s_am: x (forward) or dY (backward); TMA: a descriptor
+    w_ptr,  # *T base weight read as op(W)[k, n] = w_ptr[k * s_wk + n * s_wn]: W.T (forward), W (backward);
+            # TMA: a descriptor of W (N, K), blocks (BLOCK_N, BLOCK_K) forward, (BLOCK_K, BLOCK_N) backward
+    c_ptr,  # *T (M, NOUT) output, unit column stride, row stride s_cm
+    f1_ptr,  # *T LoRA factor in the main loop, F1[k, r] = f1_ptr[k * s_f1k + r * s_f1r]: A.T / B
+    f2_ptr,  # *T LoRA factor in the epilogue, F2[r, n] = f2_ptr[r * s_f2r + n * s_f2n]: B.T / A
+    l_ptr,  # *T (M, RANK) L = A @ F1, row stride s_lm: read (L_IN) or written by column-tile 0 (STORE_L)
+    e_ptr,  # *T (M, NOUT) unit column stride, row stride s_em: x for dA partials (E_PART)
+    pe_ptr,  # *fp32 (cdiv(M, BLOCK_M), RANK, NOUT): per-row-tile L.T @ E (E_PART)
+    g_ptr,  # *T (M, RANK) row stride s_gm: xa for dB partials (G_PART)
+    pg_ptr,  # *fp32 (cdiv(M, BLOCK_M), R, RANK): per-row-tile A.T @ G (G_PART)
+    bias_ptr,  # *T (NOUT,) (HAS_BIAS)
     M, NOUT, R, RANK,
-    lda, ldw, ldl, ldf, ldc,
-    alpha,  # fp32 scale of the LoRA term
+    s_am, s_wk, s_wn, s_cm, s_f1k, s_f1r, s_f2r, s_f2n, s_lm, s_em, s_gm,
+    alpha,  # fp32 scale of the LoRA term in C
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
-    FORWARD: tl.constexpr,  # True: C = A @ W.T + L @ B.T (NOUT = N, R = K); False: C = A @ W + L @ A_lora
+    L_IN: tl.constexpr,  # L is given; else computed in the main loop from the A tiles already loaded
+    STORE_L: tl.constexpr, E_PART: tl.constexpr, G_PART: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    EVEN_K: tl.constexpr,  # R % BLOCK_K == 0: the main loop needs no masks along K
+    TMA: tl.constexpr,  # a_ptr and w_ptr are tensor descriptors (tiles fetched by the copy engine)
+    W_KMAJOR: tl.constexpr,  # TMA only: op(W) = W.T (forward); else op(W) = W
     UPCAST: tl.constexpr,  # CPU interpreter only: its tl.dot misreads bf16 operands, so feed it fp32
 ):
-    """``C (+)= A @ op(W) + alpha * L @ op(F) (+ bias)``: fp32 accumulation, C stored once."""
+    """``C (+)= A @ op(W) + alpha * L @ F2 (+ bias)`` with ``L = A @ F1`` accumulated in the same main
+    loop as the base product (one read of ``A`` for both), fp32 accumulation, C stored once. Optional
+    by-products for the LoRA gradients: ``L`` itself, ``L.T @ E`` and ``A.T @ G`` per row tile."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(NOUT, BLOCK_N)
@@ -112,49 +144,92 @@ def _gemm_lora_kernel(
     size_m = min(grid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % width) % size_m
     pid_n = (pid % width) // size_m
+    m0 = pid_m * BLOCK_M
+    n0 = pid_n * BLOCK_N
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # clamped: loads stay in bounds, stores are masked
-    cols = tl.where(offs_n < NOUT, offs_n, 0).to(tl.int64)
-    a_ptrs = a_ptr + rows[:, None] * lda + offs_k[None, :]
-    if FORWARD:  # op(W)[k, n] = W[n, k]: contiguous along k
-        b_ptrs = w_ptr + cols[None, :] * ldw + offs_k[:, None]
-        b_step = BLOCK_K
-    else:  # op(W)[k, n] = W[k, n]: contiguous along n, so masked (not clamped) to keep 16-byte loads
-        b_ptrs = w_ptr + offs_k[:, None].to(tl.int64) * ldw + offs_n[None, :]
-        b_step = BLOCK_K * ldw
+    offs_r = tl.arange(0, BLOCK_R)
+    m_in = offs_m < M
     n_in = offs_n < NOUT
+    r_in = offs_r < RANK
+    rows = tl.where(m_in, offs_m, 0).to(tl.int64)  # clamped: epilogue loads stay in bounds, stores are masked
+    cols = tl.where(n_in, offs_n, 0).to(tl.int64)
+    if not TMA:
+        # the tile's origin in 64-bit scalars, the (BLOCK, BLOCK_K) offsets in 32 bits from aranges: the
+        # compiler keeps their contiguity (16-byte vector loads) and few registers per pointer
+        lm = tl.arange(0, BLOCK_M)
+        ln = tl.arange(0, BLOCK_N)
+        a_ptrs = a_ptr + m0.to(tl.int64) * s_am + (lm[:, None] * s_am + offs_k[None, :])
+        b_ptrs = w_ptr + n0.to(tl.int64) * s_wn + (offs_k[:, None] * s_wk + ln[None, :] * s_wn)
+        a_rows_ok = (lm < M - m0)[:, None]
+        b_cols_ok = (ln < NOUT - n0)[None, :]
+    f1_ptrs = f1_ptr + offs_k[:, None] * s_f1k + offs_r[None, :] * s_f1r
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    lacc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    if G_PART:
+        g = tl.load(g_ptr + rows[:, None] * s_gm + offs_r[None, :], mask=m_in[:, None] & r_in[None, :], other=0.0)
+        if UPCAST:
+            g = g.to(tl.float32)
+        pg_tile = pg_ptr + pid_m.to(tl.int64) * R * RANK + offs_k[:, None] * RANK + offs_r[None, :]
     for k in range(0, tl.cdiv(R, BLOCK_K)):
         k_left = R - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-        if FORWARD:
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if TMA:  # out-of-bounds rows/columns of a tile arrive as zeros: no masks
+            a = a_ptr.load([m0, k * BLOCK_K])
+            if W_KMAJOR:  # W (N, K) tile (BLOCK_N, BLOCK_K) -> op(W) = W.T
+                b = w_ptr.load([n0, k * BLOCK_K]).T
+            else:
+                b = w_ptr.load([k * BLOCK_K, n0])
+        elif EVEN_K:
+            a = tl.load(a_ptrs, mask=a_rows_ok, other=0.0)
+            b = tl.load(b_ptrs, mask=b_cols_ok, other=0.0)
         else:
-            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & n_in[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=a_rows_ok & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=b_cols_ok & (offs_k[:, None] < k_left), other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc)
-        a_ptrs += BLOCK_K
-        b_ptrs += b_step
+        if not L_IN:
+            f1 = tl.load(f1_ptrs, mask=r_in[None, :] & (offs_k[:, None] < k_left), other=0.0)
+            if UPCAST:
+                f1 = f1.to(tl.float32)
+            lacc = tl.dot(a, f1, lacc)
+            f1_ptrs += BLOCK_K * s_f1k
+        if G_PART:
+            if pid_n == 0:  # one column tile per row tile writes the (R, RANK) partial
+                tl.store(pg_tile, tl.dot(tl.trans(a), g), mask=(offs_k[:, None] < k_left) & r_in[None, :])
+            pg_tile += BLOCK_K * RANK
+        if not TMA:
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * s_wk
 
-    # LoRA term: (BLOCK_M, RANK) @ (RANK, BLOCK_N), RANK zero-padded to BLOCK_R >= 16 (the MMA minimum).
-    offs_r = tl.arange(0, BLOCK_R)
-    lo = tl.load(l_ptr + rows[:, None] * ldl + offs_r[None, :], mask=offs_r[None, :] < RANK, other=0.0)
-    if FORWARD:
-        ro = tl.load(f_ptr + cols[None, :] * ldf + offs_r[:, None], mask=offs_r[:, None] < RANK, other=0.0)
+    if L_IN:
+        lo = tl.load(l_ptr + rows[:, None] * s_lm + offs_r[None, :], mask=r_in[None, :], other=0.0)
     else:
-        ro = tl.load(f_ptr + offs_r[:, None] * ldf + offs_n[None, :],
-                     mask=(offs_r[:, None] < RANK) & n_in[None, :], other=0.0)
+        lo = lacc.to(l_ptr.dtype.element_ty)  # rounded as a separate GEMM's output would be
+        if STORE_L:  # noqa: SIM102 - a constexpr test around a runtime one: Triton folds the outer away
+            if pid_n == 0:
+                tl.store(l_ptr + rows[:, None] * s_lm + offs_r[None, :], lo, mask=m_in[:, None] & r_in[None, :])
     if UPCAST:
-        lo, ro = lo.to(tl.float32), ro.to(tl.float32)
-    acc += alpha * tl.dot(lo, ro)
+        lo = lo.to(tl.float32)
+    ro = tl.load(f2_ptr + offs_r[:, None] * s_f2r + cols[None, :] * s_f2n, mask=r_in[:, None], other=0.0)
+    # alpha on the (BLOCK_M, RANK) side and the product accumulated into acc: a second (BLOCK_M, BLOCK_N)
+    # fp32 temporary would double the accumulator's registers (spills at 128 x 256)
+    if UPCAST:
+        ro = ro.to(tl.float32)
+    acc = tl.dot((lo.to(tl.float32) * alpha).to(ro.dtype), ro, acc)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_in, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rows[:, None] * ldc + offs_n[None, :]
-    mask = (offs_m < M)[:, None] & n_in[None, :]
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + rows[:, None] * s_cm + offs_n[None, :]
+    mask = m_in[:, None] & n_in[None, :]
+    if E_PART:  # read before C is stored: C may be E's own memory (dX written over x)
+        e = tl.load(e_ptr + rows[:, None] * s_em + cols[None, :])
+        if UPCAST:
+            e = e.to(tl.float32)
+        part = tl.dot(tl.trans(tl.where(m_in[:, None], lo, 0.0).to(e.dtype)), e)
+        tl.store(pe_ptr + pid_m.to(tl.int64) * RANK * NOUT + offs_r[:, None] * NOUT + offs_n[None, :], part,
+                 mask=r_in[:, None] & n_in[None, :])
     if ACCUMULATE:
         acc += tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
@@ -171,25 +246,82 @@ def _gemm_lora(a: torch.Tensor, w: torch.Tensor, left: torch.Tensor, f: torch.Te
     ``a @ w + alpha * left @ f`` with ``f = A`` (r, K); ``+ out`` in place when ``out`` is given.
     Every operand is 2-D row-major (unit column stride) with any leading dimension."""
     a, w, left, f = (_unit_stride(t) for t in (a, w, left, f))
+    return _launch(a, w, cfg, forward=forward, lora_f2=f, alpha=alpha, left=left, bias=bias, out=out,
+                   accumulate=out is not None).out
+
+
+@dataclasses.dataclass
+class _Fused:
+    """What one :func:`_launch` returns: the output and the by-products asked for."""
+
+    out: torch.Tensor
+    left: torch.Tensor | None = None  # (M, r) L = a @ F1
+    e_part: torch.Tensor | None = None  # (row tiles, r, NOUT) fp32
+    g_part: torch.Tensor | None = None  # (row tiles, R, r) fp32
+
+
+def _tma_ok(cfg: dict, a: torch.Tensor, w: torch.Tensor) -> bool:
+    """The config asks for tensor-descriptor (TMA) tiles and ``a``, ``w`` allow them: 16-bit floats
+    (fp32 would be multiplied in TF32), 16-byte aligned bases and row strides, a GPU device."""
+    if not cfg.get("tma") or TensorDescriptor is None or a.device.type == "cpu":
+        return False
+    return all(t.dtype in (torch.bfloat16, torch.float16) and t.data_ptr() % 16 == 0 and (t.stride(0) * 2) % 16 == 0
+               for t in (a, w))
+
+
+def _launch(a: torch.Tensor, w: torch.Tensor, cfg: dict, *, forward: bool, lora_f2: torch.Tensor, alpha: float,
+            left: torch.Tensor | None = None, lora_f1: torch.Tensor | None = None,
+            left_out: torch.Tensor | None = None, e: torch.Tensor | None = None, g: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None, out: torch.Tensor | None = None, accumulate: bool = False) -> _Fused:
+    """One launch of :func:`_lora_gemm_kernel`. ``forward``: ``a`` (M, K) = x, ``w`` = W (N, K),
+    ``lora_f1`` = A (r, K), ``lora_f2`` = B (N, r). Backward: ``a`` (M, N) = dY, ``w`` = W (N, K),
+    ``lora_f1`` = B (N, r), ``lora_f2`` = A (r, K). Either ``left`` (M, r) is given, or ``lora_f1`` and
+    L = a @ F1 is computed in the main loop (written to ``left_out`` (M, r) when given). ``e`` (M, NOUT):
+    return the fp32 per-row-tile partials of ``L.T @ e``; ``g`` (M, r): those of ``a.T @ g``. ``out``
+    given: written (``accumulate``: added to); it may be ``e``'s own memory. Unit column strides."""
     m, r_dim = a.shape
     nout = w.shape[0] if forward else w.shape[1]
-    rank = left.shape[1]
-    accumulate = out is not None
+    rank = lora_f2.shape[1] if forward else lora_f2.shape[0]
     if out is None:
         out = torch.empty((m, nout), device=a.device, dtype=a.dtype)
-    if m == 0 or nout == 0:
-        return out
     bm, bn, bk = int(cfg["block_m"]), int(cfg["block_n"]), int(cfg["block_k"])
     if a.element_size() == 4:
         bk //= 2  # fp32 tiles are twice the bytes: keep the pipelined stages inside shared memory
-    grid = (triton.cdiv(m, bm) * triton.cdiv(nout, bn),)
-    _gemm_lora_kernel[grid](
-        a, w, left, f, bias if bias is not None else out, out, m, nout, r_dim, rank,
-        a.stride(0), w.stride(0), left.stride(0), f.stride(0), out.stride(0), float(alpha),
+    tiles_m = triton.cdiv(m, bm)
+    result = _Fused(out)
+    if left is None:
+        result.left = left = left_out if left_out is not None else torch.empty((m, rank), device=a.device,
+                                                                               dtype=a.dtype)
+    if e is not None:
+        result.e_part = torch.empty((tiles_m, rank, nout), device=a.device, dtype=torch.float32)
+    if g is not None:
+        result.g_part = torch.empty((tiles_m, r_dim, rank), device=a.device, dtype=torch.float32)
+    if m == 0 or nout == 0:
+        return result
+    f1 = lora_f1 if lora_f1 is not None else lora_f2
+    if forward:  # op(W) = W.T; F1 = A.T; F2 = B.T
+        s_w, s_f1, s_f2 = (1, w.stride(0)), (1, f1.stride(0)), (1, lora_f2.stride(0))
+    else:  # op(W) = W; F1 = B; F2 = A
+        s_w, s_f1, s_f2 = (w.stride(0), 1), (f1.stride(0), 1), (lora_f2.stride(0), 1)
+    dummy = out
+    a_arg, w_arg, tma = a, w, _tma_ok(cfg, a, w)
+    if tma:
+        a_arg = TensorDescriptor(a, [m, r_dim], [a.stride(0), 1], [bm, bk])
+        w_arg = TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [bn, bk] if forward else [bk, bn])
+    grid = (tiles_m * triton.cdiv(nout, bn),)
+    _lora_gemm_kernel[grid](
+        a_arg, w_arg, out, f1, lora_f2, left, dummy if e is None else e,
+        dummy if result.e_part is None else result.e_part, dummy if g is None else g,
+        dummy if result.g_part is None else result.g_part, dummy if bias is None else bias,
+        m, nout, r_dim, rank,
+        a.stride(0), *s_w, out.stride(0), *s_f1, *s_f2, left.stride(0),
+        0 if e is None else e.stride(0), 0 if g is None else g.stride(0), float(alpha),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(rank), GROUP_M=int(cfg["group_m"]),
-        FORWARD=forward, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, UPCAST=interpreter_on(),
-        num_warps=int(cfg["gemm_warps"]), num_stages=int(cfg["stages"]), **launch_options(cfg))
-    return out
+        L_IN=lora_f1 is None, STORE_L=left_out is not None, E_PART=e is not None,
+        G_PART=g is not None, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, EVEN_K=r_dim % bk == 0,
+        TMA=tma, W_KMAJOR=forward, UPCAST=interpreter_on(), num_warps=int(cfg["gemm_warps"]),
+        num_stages=int(cfg["stages"]), **launch_options(cfg))
+    return result
 
 
 def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -298,6 +430,35 @@ def _grad_input(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, left:
     return _accumulate_base(out, dy2, weight, cfg)
 
 
+def _fused(cfg: dict, weight: torch.Tensor | QuantizedWeight) -> bool:
+    """The config runs LoRA inside the Triton base GEMM, and the base weight is one piece (a 4-bit
+    weight cut into row pieces goes the piecewise cuBLAS way, which bounds its dense temporary)."""
+    return cfg["base"] == "fused" and len(_pieces(weight)) == 1
+
+
+def _fused_backward(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, x2: torch.Tensor,
+                    xa: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, s: float, cfg: dict,
+                    need_a: bool, need_b: bool, out: torch.Tensor | None = None, accumulate: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(dX, dA, dB)`` of one projection from one launch: ``dY @ B`` is accumulated in the dX GEMM's
+    main loop, ``dA`` comes from its epilogue (``(dY @ B).T @ x`` per tile, x tile read once) and
+    ``dB`` from its first column tiles (``dY.T @ xa``; config ``"db": "mm"``: a separate GEMM).
+    ``out`` given: dX is written there (over ``x2`` when the caller allows), or added (``accumulate``)."""
+    dt = dy2.dtype
+    with_g = need_b and cfg.get("db", "fused") == "fused"
+    res = _launch(dy2, _materialise(weight, dt, cfg), cfg, forward=False,
+                  lora_f1=ADAPTER_CASTS.get(lora_b, dt, TAKE), lora_f2=ADAPTER_CASTS.get(lora_a, dt, TAKE), alpha=s,
+                  e=x2 if need_a else None, g=xa if with_g else None, out=out, accumulate=accumulate)
+    if out is not None and out.data_ptr() == x2.data_ptr():  # x is gone: a retain_graph reader fails loudly
+        torch.autograd.graph.increment_version(out)
+    da = _as(_scaled(res.e_part.sum(0), s), lora_a.dtype) if need_a else None
+    if with_g:
+        db = _as(_scaled(res.g_part.sum(0), s), lora_b.dtype)
+    else:
+        db = _as(_scaled(torch.mm(dy2.t(), xa), s), lora_b.dtype) if need_b else None
+    return res.out, da, db
+
+
 def _resolve(config: dict | None) -> dict:
     return {**CONFIGS[0], **(config or {})}
 
@@ -315,13 +476,22 @@ class _LoraLinear(torch.autograd.Function):
         x2 = _unit_stride(x.reshape(-1, k))
         a_c, b_c = ADAPTER_CASTS.get(lora_a, dt, use), ADAPTER_CASTS.get(lora_b, dt, use)
         bias_c = None if bias is None else _as(bias, dt)
-        xa = torch.mm(x2, a_c.t())  # (M, r)
         if output_values_are_unused():  # a recomputed layer's last projection: only the backward is needed
+            xa = torch.mm(x2, a_c.t())  # (M, r)
             out = x2.new_empty((x2.shape[0], n))
+        elif _fused(cfg, weight):
+            fused = _launch(x2, _materialise(weight, dt, cfg), cfg, forward=True, lora_f1=a_c, lora_f2=b_c,
+                            alpha=scaling, left_out=x2.new_empty((x2.shape[0], a_c.shape[0])), bias=bias_c)
+            out, xa = fused.out, fused.left
         else:
+            xa = torch.mm(x2, a_c.t())  # (M, r)
             out = _base_plus_lora(x2, weight, bias_c, xa, b_c, scaling, cfg)
         dense = weight if isinstance(weight, torch.Tensor) else None
         ctx.save_for_backward(x2, xa, dense, lora_a, lora_b)
+        # dX may be written over x (ops.hints): x is an op's output of this very shape, so each tile
+        # of the fused backward reads its x tile (for dA) before it stores the dX tile in its place
+        ctx.overwrite = (_fused(cfg, weight) and inputs_may_be_overwritten() and x.grad_fn is not None
+                         and x.is_contiguous() and x2.data_ptr() == x.data_ptr())
         ctx.qweight = None if dense is not None else weight
         ctx.scaling, ctx.cfg, ctx.x_shape = scaling, cfg, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -343,6 +513,14 @@ class _LoraLinear(torch.autograd.Function):
             db = torch.zeros_like(lora_b) if need_b else None
             dbias = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtype) if need_bias else None
             return dx, dw, da, db, dbias, None, None, None
+        if need_x and _fused(cfg, weight):
+            if need_w:
+                dw = _as(torch.mm(dy2.t(), x2), dense.dtype)
+            if need_bias:
+                dbias = _as(dy2.sum(0), ctx.bias_dtype)
+            dx, da, db = _fused_backward(dy2, weight, x2, xa, lora_a, lora_b, s, cfg, need_a, need_b,
+                                         out=x2 if ctx.overwrite and not need_w else None)
+            return dx.view(ctx.x_shape), dw, da, db, dbias, None, None, None
         dyb = torch.mm(dy2, ADAPTER_CASTS.get(lora_b, dt, TAKE)) if need_x or need_a else None  # (M, r)
         if need_a:
             da = _as(_scaled(torch.mm(dyb.t(), x2), s), lora_a.dtype)
@@ -396,14 +574,23 @@ class _LoraGroup(torch.autograd.Function):
         dt = x.dtype
         x2 = _unit_stride(x.reshape(-1, k))
         ranks = [a.shape[0] for a in a_s]
-        a_all = ADAPTER_CASTS.cat(tuple(a_s), dt, use)  # (sum r, K)
-        xa_all = torch.mm(x2, a_all.t())  # (M, sum r): one read of x for every adapter
+        fused = all(_fused(cfg, w) for w in weights)
+        if fused:  # each projection's x @ A_i.T in its own base GEMM's main loop, into its columns of xa_all
+            xa_all = x2.new_empty((x2.shape[0], sum(ranks)))
+        else:
+            a_all = ADAPTER_CASTS.cat(tuple(a_s), dt, use)  # (sum r, K)
+            xa_all = torch.mm(x2, a_all.t())  # (M, sum r): one read of x for every adapter
         outs, start = [], 0
-        for w, b, bias, s, r in zip(weights, b_s, biases, scalings, ranks, strict=True):
+        for w, a, b, bias, s, r in zip(weights, a_s, b_s, biases, scalings, ranks, strict=True):
             xa = xa_all[:, start:start + r]
             start += r
             b_c = ADAPTER_CASTS.get(b, dt, use)
-            out = _base_plus_lora(x2, w, None if bias is None else _as(bias, dt), xa, b_c, s, cfg)
+            bias_c = None if bias is None else _as(bias, dt)
+            if fused:
+                out = _launch(x2, _materialise(w, dt, cfg), cfg, forward=True, lora_f1=ADAPTER_CASTS.get(a, dt, use),
+                              lora_f2=b_c, alpha=s, left_out=xa, bias=bias_c).out
+            else:
+                out = _base_plus_lora(x2, w, bias_c, xa, b_c, s, cfg)
             outs.append(out.view(*x.shape[:-1], w.shape[0]))
         dense = [w if isinstance(w, torch.Tensor) else None for w in weights]
         ctx.save_for_backward(x2, xa_all, *dense, *a_s, *b_s)
@@ -430,7 +617,12 @@ class _LoraGroup(torch.autograd.Function):
         dx = None
         live = [i for i in range(g) if dys[i] is not None and m > 0]
         starts = [sum(ctx.ranks[:i]) for i in range(g)]
-        if live and (need_x or any(need_a)):
+        if live and need_x and all(_fused(cfg, w) for w in weights):
+            for j, i in enumerate(live):  # one launch per projection, each adding its dX onto the last one's
+                xa = xa_all[:, starts[i]:starts[i] + ctx.ranks[i]]
+                dx, das[i], dbs[i] = _fused_backward(dys[i], weights[i], x2, xa, a_s[i], b_s[i], scalings[i], cfg,
+                                                     need_a[i], need_b[i], out=dx, accumulate=j > 0)
+        elif live and (need_x or any(need_a)):
             # dYB_all (M, sum r) = [s_i * dY_i @ B_i]: the LoRA part of dX and every dA in one GEMM each
             parts = [_scaled(torch.mm(dys[i], ADAPTER_CASTS.get(b_s[i], dt, TAKE)), scalings[i]) if i in live
                      else x2.new_zeros((m, ctx.ranks[i])) for i in range(g)]
@@ -449,7 +641,7 @@ class _LoraGroup(torch.autograd.Function):
                         das[i] = _as(da_all[starts[i]:starts[i] + ctx.ranks[i]], a_s[i].dtype)
         for i in range(g):
             dy = dys[i]
-            if need_b[i]:
+            if need_b[i] and dbs[i] is None:
                 dbs[i] = torch.zeros_like(b_s[i]) if dy is None or m == 0 else _as(_scaled(torch.mm(
                     dy.t(), xa_all[:, starts[i]:starts[i] + ctx.ranks[i]]), scalings[i]), b_s[i].dtype)
             if need_a[i] and das[i] is None:
@@ -547,28 +739,42 @@ AOT_RANKS = (16,)
 
 def aot(config: dict, dtype: torch.dtype = torch.bfloat16) -> list[AotUnit]:
     """Every Triton kernel ``config`` launches for ``dtype`` activations: the NF4 dequantisation
-    (its output dtypes and single/double quantisation), and for the ``"triton"`` base the fused GEMM
-    in its forward (with and without bias) and backward (with and without accumulation) forms."""
+    (its output dtypes and single/double quantisation), and for a Triton base the GEMM in each form
+    its forward (with and without bias) and backward (first and accumulating projection) launch."""
     cfg = _resolve(config)
     units = nf4.aot_units({"bytes": cfg["bytes"], "num_warps": cfg["num_warps"]})
-    if cfg["base"] != "triton":
+    if cfg["base"] not in ("triton", "fused"):
         return units
     p = ptr(dtype)
-    signature = {"a_ptr": p, "w_ptr": p, "l_ptr": p, "f_ptr": p, "bias_ptr": p, "c_ptr": p,
-                 **dict.fromkeys(("M", "NOUT", "R", "RANK", "lda", "ldw", "ldl", "ldf", "ldc"), "i32"),
+    signature = {**dict.fromkeys(("a_ptr", "w_ptr", "c_ptr", "f1_ptr", "f2_ptr", "l_ptr", "e_ptr"), p),
+                 "pe_ptr": "*fp32", "g_ptr": p, "pg_ptr": "*fp32", "bias_ptr": p,
+                 **dict.fromkeys(("M", "NOUT", "R", "RANK", "s_am", "s_wk", "s_wn", "s_cm", "s_f1k", "s_f1r", "s_f2r",
+                                  "s_f2n", "s_lm", "s_em", "s_gm"), "i32"),
                  "alpha": "fp32",
-                 **dict.fromkeys(("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_M", "FORWARD",
-                                  "HAS_BIAS", "ACCUMULATE", "UPCAST"), "constexpr")}
+                 **dict.fromkeys(("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_M", "L_IN", "STORE_L", "E_PART",
+                                  "G_PART", "HAS_BIAS", "ACCUMULATE", "EVEN_K", "TMA", "W_KMAJOR", "UPCAST"),
+                                 "constexpr")}
     options = {"num_warps": int(cfg["gemm_warps"]), "num_stages": int(cfg["stages"])}
+    fused = cfg["base"] == "fused"
+    with_g = fused and cfg.get("db", "fused") == "fused"
+    # (forward, bias, accumulate): forward with/without bias; backward writing dX, then accumulating
+    forms = ((True, False, False), (True, True, False), (False, False, False), (False, False, True))
+    tma = bool(cfg.get("tma"))
+    bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     for rank in AOT_RANKS:
-        forms = ((True, False, False), (True, True, False), (False, False, False), (False, False, True))
         for forward, has_bias, accumulate in forms:
-            constexprs = {"BLOCK_M": cfg["block_m"], "BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"],
-                          "BLOCK_R": _block_r(rank), "GROUP_M": cfg["group_m"], "FORWARD": forward,
-                          "HAS_BIAS": has_bias, "ACCUMULATE": accumulate, "UPCAST": False}
-            units.append(AotUnit(f"lora_gemm[{p[1:]},{'fwd' if forward else 'bwd'},bias={int(has_bias)},"
+            constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
+                          "BLOCK_R": _block_r(rank), "GROUP_M": cfg["group_m"], "L_IN": not fused,
+                          "STORE_L": fused and forward, "E_PART": fused and not forward,
+                          "G_PART": with_g and not forward, "HAS_BIAS": has_bias, "ACCUMULATE": accumulate,
+                          "EVEN_K": True, "TMA": tma, "W_KMAJOR": forward, "UPCAST": False}
+            if tma:  # host tensor descriptors: A tiles (BLOCK_M, BLOCK_K), W tiles as the launch builds them
+                w_block = (bn, bk) if forward else (bk, bn)
+                signature = {**signature, "a_ptr": f"tensordesc<{p[1:]}[{bm},{bk}]>",
+                             "w_ptr": f"tensordesc<{p[1:]}[{w_block[0]},{w_block[1]}]>"}
+            units.append(AotUnit(f"lora_gemm[{p[1:]},{cfg['base']},{'fwd' if forward else 'bwd'},bias={int(has_bias)},"
                                  f"acc={int(accumulate)},"
-                                 f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']}]", _gemm_lora_kernel,
+                                 f"{cfg['block_m']}x{cfg['block_n']}x{cfg['block_k']}]", _lora_gemm_kernel,
                                  signature, constexprs, options))
     return units
 

@@ -52,6 +52,7 @@ from torch import nn
 
 from slipstream import ops
 from slipstream.models.base import Build
+from slipstream.train import attention_stash
 
 NAME = "slipstream"
 log = logging.getLogger(__name__)
@@ -303,7 +304,11 @@ def slipstream_attention(
     window = int(sliding_window) if sliding_window else None
     cap = float(softcap) if softcap else None
     if not layout.packed:
-        out = ops.attention(query, key, value, bool(is_causal), scaling, window, cap, None)
+        # a long sequence's checkpointed layer may keep its attention output for the recompute
+        out = attention_stash.attend(query, key, value, bool(is_causal), scaling) if window is None and cap is None \
+            else None
+        if out is None:
+            out = ops.attention(query, key, value, bool(is_causal), scaling, window, cap, None)
         return out.transpose(1, 2), None
     return packed_attention(query, key, value, layout, bool(is_causal), scaling, window, cap), None
 

@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from slipstream.train.attention_stash import kept_bytes_per_layer
+
 POLICIES = ("none", "lean", "partial", "checkpoint", "offload")
 GRAPHED = ("partial", "checkpoint", "offload")  # the policies whose checkpointed layers CUDA graphs replay
 GRAPH_POOL_FACTOR = 0.75  # pool measured / estimated (H100, W8B bf16: 590 MiB for 817 MiB of layer temporaries)
@@ -109,6 +111,7 @@ class MemoryPlan:
     checkpointed_layers: int | None = None  # decoder layers checkpointed: 0 (none, lean), k (partial), all (others)
     lean: bool = False  # the layers that are not checkpointed recompute their cheap outputs
     graphs: bool = False  # checkpointed layers replay from CUDA graphs (their memory is in the needs)
+    stash_layers: int = 0  # offloaded layers that keep their attention output for the recompute at a time
 
     def describe(self) -> str:
         what = self.choice
@@ -117,6 +120,9 @@ class MemoryPlan:
             what += ", the others lean)" if self.lean else ")"
         if self.graphs:
             what += " with CUDA graphs"
+        if self.stash_layers:
+            what += (f", attention outputs kept for the recompute in {self.stash_layers} layers "
+                     f"({self.extra.get('stash_bytes', 0) / GIB:.2f} GiB of the spare memory)")
         return f"gradient checkpointing: {what} because {self.reason}"
 
     @property
@@ -130,7 +136,7 @@ class MemoryPlan:
 
         layers = self.checkpointed_layers if self.choice == "partial" else None
         return apply_checkpointing(model, self.checkpointing, layers=layers, lean=self.lean, verbose=verbose,
-                                   graphs=self.graphs)
+                                   graphs=self.graphs, stash_layers=self.stash_layers)
 
 
 def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, dtype_bytes: int,
@@ -248,11 +254,17 @@ def _plan_one(shape: ModelShape, *, batch: int, seq: int, dtype_bytes: int, free
                   f"lower the batch size or max_seq_length")
         if device_type == "cpu":
             reason += " (offloading does not apply on the CPU)"
+    # offload without graphs: spare memory keeps attention outputs for the recompute (long sequences)
+    stash = 0
+    per_stash = kept_bytes_per_layer(t, shape.heads, shape.head_dim, dtype_bytes)
+    if choice == "offload" and fits and not graphs and device_type == "cuda" and shape.attn_implementation != "eager":
+        stash = int(min(n, max(0, budget - need[choice]) // per_stash))
     return MemoryPlan(choice, reason, per_layer, need, free_bytes, budget, host_free_bytes, host_need,
                       device_type, t,
                       {"fixed_bytes": fixed, "logits_bytes": logits, "layer_input_bytes": layer_input, "layers": n,
                        "lean_layer_bytes": kept_layer, "workspace_bytes": workspace, "graph_bytes": graph_extra,
-                       "fits": fits},
+                       "fits": fits, "stash_bytes": stash * per_stash},
+                      stash_layers=stash,
                       checkpointed_layers={"none": 0, "lean": 0, "partial": k}.get(choice, n),
                       lean=choice in ("lean", "partial") and lean_elements > 0, graphs=graphs and choice in GRAPHED)
 

@@ -30,6 +30,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
+from slipstream.train import attention_stash
 from slipstream.train.graphs import LayerGraphs, enabled_for
 from slipstream.train.recompute import lean_activations, lean_forward, recomputing_layer
 
@@ -56,7 +57,7 @@ def checkpoint_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, layers: int | None = None,
                         lean: bool = False, force_offload: bool = False, verbose: bool = True,
-                        graphs: bool | None = None) -> str:
+                        graphs: bool | None = None, stash_layers: int = 0) -> str:
     """Set ``policy`` (False/True/"lean"/"offload", or a policy name) on ``model``'s decoder layers.
 
     ``layers`` limits checkpointing to the first ``layers`` decoder layers (the memory planner's
@@ -65,6 +66,8 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
     ``"checkpoint"`` or ``"offload"``). ``force_offload`` runs the offloading code path on the CPU
     too (tests), where it copies into host memory. ``graphs``: replay checkpointed layers from CUDA
     graphs (``None``: on CUDA unless ``SLIPSTREAM_CUDA_GRAPHS=0``; see :mod:`slipstream.train.graphs`).
+    ``stash_layers``: with ``"offload"`` and no graphs, up to this many layers at a time keep their
+    attention output for the recompute (:mod:`slipstream.train.attention_stash`).
     """
     name = policy_name(policy)
     all_layers = checkpoint_layers(model)
@@ -85,7 +88,7 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
         # with CUDA graphs: the offload path without the offload, which replays layers from graphs
         func = OffloadedCheckpoint(device, offload=False, graphs=True) if use_graphs else plain_checkpoint
     elif name == "offload":
-        func = OffloadedCheckpoint(device, graphs=use_graphs)
+        func = OffloadedCheckpoint(device, graphs=use_graphs, stash_layers=stash_layers)
     lean = lean or name == "lean"
     for i, layer in enumerate(all_layers):
         checkpointed = func is not None and (layers is None or i < layers)
@@ -192,8 +195,8 @@ class _Saved:
 
 class _OffloadedLayer(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, saved, graphs, _anchor, hidden, *args):
-        ctx.run, ctx.saved, ctx.args, ctx.graphs = run, saved, args, graphs
+    def forward(ctx, run, saved, graphs, slot, _anchor, hidden, *args):
+        ctx.run, ctx.saved, ctx.args, ctx.graphs, ctx.slot = run, saved, args, graphs, slot
         ctx.hidden_grad = hidden.requires_grad
         ctx.device = hidden.device
         ctx.cpu_rng = torch.get_rng_state()
@@ -207,7 +210,8 @@ class _OffloadedLayer(torch.autograd.Function):
         with torch.no_grad():
             out = graphs.forward(ctx.call, hidden) if ctx.call is not None else None
             if out is None:
-                out = run(hidden, *args)
+                with attention_stash.recording(slot):
+                    out = run(hidden, *args)
         return out
 
     @staticmethod
@@ -217,7 +221,7 @@ class _OffloadedLayer(torch.autograd.Function):
             saved.prev.prefetch()  # overlap the previous layer's copy-back with this layer's recompute
         box = [saved.fetch().detach().requires_grad_(ctx.hidden_grad)]
         saved.prev = None
-        skip = (None, None, None, None)
+        skip = (None, None, None, None, None)
         if ctx.call is not None:  # a replay takes the input out of the box once copied in (frees it)
             done, gx = ctx.graphs.backward(ctx.call, box, grads[0], ctx.hidden_grad,
                                            lambda: _recompute_scope(ctx.autocast))
@@ -230,13 +234,15 @@ class _OffloadedLayer(torch.autograd.Function):
             if ctx.dev_rng is not None:
                 torch.get_device_module(ctx.device).set_rng_state(ctx.dev_rng, ctx.device)
             # the recomputed layer's activations live until its backward below is done: keep them leanly
-            with _recompute_scope(ctx.autocast):
+            with _recompute_scope(ctx.autocast), attention_stash.replaying(ctx.slot):
                 out = ctx.run(x, *ctx.args)
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grads, strict=False)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        if ctx.slot is not None:
+            ctx.slot.entries.clear()  # anything the recompute did not take back is dropped with the step
         return (*skip, x.grad if ctx.hidden_grad else None, *([None] * len(ctx.args)))
 
 
@@ -273,9 +279,12 @@ class OffloadedCheckpoint:
     (:mod:`slipstream.train.graphs`) unless ``graphs=False`` or ``SLIPSTREAM_CUDA_GRAPHS=0``.
     """
 
-    def __init__(self, device: torch.device, *, offload: bool = True, graphs: bool | None = None) -> None:
+    def __init__(self, device: torch.device, *, offload: bool = True, graphs: bool | None = None,
+                 stash_layers: int = 0) -> None:
         self.device = torch.device(device)
         self.offload = offload
+        self.stash_layers = stash_layers
+        self._slots: weakref.WeakSet = weakref.WeakSet()
         self.stream = None
         if self.device.type != "cpu" and offload:
             self.stream = torch.get_device_module(self.device).Stream(self.device)
@@ -294,10 +303,22 @@ class OffloadedCheckpoint:
         anchor = torch.empty(0, requires_grad=True)  # keeps backward reachable when nothing else needs grad
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            out = _OffloadedLayer.apply(function, saved, self.graphs, anchor, hidden, *args[1:])
+            out = _OffloadedLayer.apply(function, saved, self.graphs, self._stash_slot(), anchor, hidden, *args[1:])
         first = out if isinstance(out, torch.Tensor) else out[0]
         self._last = (weakref.ref(first), saved)
         return out
+
+
+    def _stash_slot(self) -> attention_stash.Slot | None:
+        """A slot for this layer's attention results while fewer than ``stash_layers`` hold some (a
+        slot lives with its layer's autograd node; graphed layers never get one)."""
+        if self.stash_layers <= 0 or self.graphs is not None:
+            return None
+        if sum(1 for s in self._slots if s.entries) >= self.stash_layers:
+            return None
+        slot = attention_stash.Slot()
+        self._slots.add(slot)
+        return slot
 
 
 def _layer_graphs(model: torch.nn.Module) -> list[LayerGraphs]:
