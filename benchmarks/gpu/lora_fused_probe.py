@@ -16,9 +16,8 @@ from slipstream.kernels import lora as L
 
 dev, dt = "cuda", torch.bfloat16
 # (block_m, block_n, block_k, warps, stages, TMA tiles)
-TILES = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True), (128, 128, 64, 8, 4, True),
-         (128, 128, 64, 4, 4, True), (256, 128, 64, 8, 3, True), (128, 128, 128, 8, 3, True),
-         (128, 256, 64, 8, 3, False), (128, 128, 64, 8, 4, False)]
+TILES = [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True), (256, 128, 64, 8, 3, True),
+         (128, 128, 128, 8, 3, True), (128, 128, 64, 8, 4, True)]
 SHAPES = {"q/o": (4096, 4096, 4096), "k/v": (4096, 4096, 1024), "gate/up": (4096, 4096, 14336),
           "down": (4096, 14336, 4096)}
 
@@ -47,10 +46,10 @@ def gpu_ms(fn, reps: int = 20) -> float:
     return sorted(best)[2]
 
 
-def cfg_of(tile: tuple, base: str = "fused", db: str = "fused") -> dict:
+def cfg_of(tile: tuple, base: str = "fused", db: str = "mm", xa: str = "loop") -> dict:
     bm, bn, bk, w, st, tma = tile
     return {"base": base, "bytes": 4096, "num_warps": 8, "block_m": bm, "block_n": bn, "block_k": bk,
-            "gemm_warps": w, "stages": st, "group_m": 8, "db": db, "tma": tma}
+            "gemm_warps": w, "stages": st, "group_m": 8, "db": db, "xa": xa, "tma": tma}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -106,9 +105,9 @@ def whole(name: str, m: int, k: int, n: int, r: int = 16) -> list[dict]:
     b = (torch.randn(n, r, device=dev) * 0.1).to(dt).requires_grad_()
     dy = torch.randn(m, n, device=dev, dtype=dt)
     rows = []
-    configs = [("cublas", L.CONFIGS[1])] + [("fused " + "x".join(map(str, t[:3])) + f" w{t[3]} s{t[4]}" + f" db={db}",
-                                             cfg_of(t, db=db)) for t in (TILES[0], TILES[2], TILES[4])
-                                            for db in ("fused", "mm")]
+    configs = [("cublas", L.CONFIGS[1])] + [
+        ("fused " + "x".join(map(str, t[:3])) + f" w{t[3]} s{t[4]} xa={xa} db={db}", cfg_of(t, db=db, xa=xa))
+        for t in TILES[:4] for xa, db in (("loop", "mm"), ("mm", "mm"), ("loop", "fused"))]
     for tag, cfg in configs:
         def step(cfg=cfg):
             y = L.lora_linear(x, w, a, b, 2.0, config=cfg)

@@ -230,7 +230,8 @@ def _judge_group(xs: torch.Tensor, weights, a_s, b_s, scalings, biases, config=N
                 f"{'output' if kind == 0 else 'grad'} {i}: {rel:.2e} rel / {peak:.2e} peak")
 
 
-@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1], *FUSED_CONFIGS[:1]], ids=["cublas", "triton", "fused"])
+@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1], *FUSED_CONFIGS[:2]],
+                         ids=["cublas", "triton", "fused-xa-mm", "fused-xa-loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_group_qkv(dtype, config):
     """q/k/v-like: different N, ranks and scalings; one dense, two 4-bit; biases on two."""
@@ -276,7 +277,8 @@ def test_group_single_projection_and_unused_output():
         lora_linear_group(x, [w, w], [a], [b], [s])
 
 
-@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1], *FUSED_CONFIGS[:1]], ids=["cublas", "triton", "fused"])
+@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1], *FUSED_CONFIGS[:2]],
+                         ids=["cublas", "triton", "fused-xa-mm", "fused-xa-loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_group_op_entry_matches_its_spec(dtype, config):
     """The registered entry (flat slots) on every small sample of the op: pairs, triples, 1 row, odd
@@ -429,7 +431,8 @@ def test_row_pieces_keep_a_weight_whole_when_small_or_uncuttable(monkeypatch):
     torch.testing.assert_close(torch.cat([p.dequantize() for _, _, p in pieces]), odd.dequantize(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1], *FUSED_CONFIGS[:1]], ids=["cublas", "triton", "fused"])
+@pytest.mark.parametrize("config", [None, *TRITON_CONFIGS[:1], *FUSED_CONFIGS[:2]],
+                         ids=["cublas", "triton", "fused-xa-mm", "fused-xa-loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_4bit_base_in_pieces_matches_reference(monkeypatch, dtype, config):
     """Forward and every gradient with the base dequantised and multiplied piece by piece."""
@@ -446,3 +449,85 @@ def test_4bit_base_in_pieces_matches_reference(monkeypatch, dtype, config):
         a_s.append(a)
         b_s.append(b)
     _judge_group(x, weights, a_s, b_s, [2.0, 0.5], [None, None], config)
+
+
+@pytest.mark.parametrize("config", FUSED_CONFIGS, ids=["xa-mm", "xa-loop"])
+def test_fused_whole_tiles_take_tensor_descriptors(config, monkeypatch):
+    """Shapes that are whole tiles go through TMA tensor descriptors (16-bit only); forward and every
+    gradient match the reference, and the descriptors were really built."""
+    built = []
+    real = lora_kernels.TensorDescriptor
+
+    def counting(*args, **kwargs):
+        built.append(kwargs.get("block_shape", args[-1]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lora_kernels, "TensorDescriptor", counting)
+    bm, bn = config["block_m"], config["block_n"]
+    args = make_args(bm, bn, bn, 8, torch.bfloat16, bias=True)  # M, K, N in whole tiles both ways
+    assert_matches_reference(SPEC, with_config(config), args)
+    assert len(built) >= 4  # x and W descriptors for the forward and for dX
+    built.clear()
+    assert_matches_reference(SPEC, with_config(config), make_args(bm, bn, bn, 8, torch.float32))
+    assert not built  # fp32 goes through pointer tiles (descriptors would multiply it in TF32)
+
+
+SMALL_FUSED = [{**c, "block_m": 16, "block_n": 32, "block_k": 32, "gemm_warps": 4, "stages": 2} for c in FUSED_CONFIGS]
+
+
+@pytest.mark.parametrize("config", SMALL_FUSED, ids=["xa-mm", "xa-loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_configs_on_whole_tiles(config, dtype, monkeypatch):
+    """With tiles that divide the shapes, the fused kernels run (counted) for one projection and for
+    a q/k/v-like group with different N and ranks, a bias and an NF4 base; outputs and every gradient."""
+    launches = []
+    real = lora_kernels._launch
+
+    def counting(*args, forward, **kwargs):
+        launches.append(forward)
+        return real(*args, forward=forward, **kwargs)
+
+    monkeypatch.setattr(lora_kernels, "_launch", counting)
+    assert_matches_reference(SPEC, with_config(config), make_args(32, 64, 96, 5, dtype, bias=True))
+    assert launches.count(True) == 1 and launches.count(False) == 1
+    launches.clear()
+    k = 64
+    x = torch.randn(2, 16, k).to(dtype).requires_grad_()
+    weights, a_s, b_s, biases = [], [], [], []
+    for n, r, base, has_bias in ((64, 4, "dense", True), (32, 8, "nf4", False), (32, 3, "dense", True)):
+        _, w, a, b, _, bias = frozen_base(make_args(1, k, n, r, dtype, base=base, bias=has_bias), bias=True)
+        weights.append(w)
+        a_s.append(a)
+        b_s.append(b)
+        biases.append(bias)
+    _judge_group(x, weights, a_s, b_s, [2.0, 0.5, 1.0], biases, config)
+    assert launches.count(True) >= 3 and launches.count(False) >= 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n,r", [(70, 96, 50, 8), (1, 40, 33, 4), (13, 40, 27, 3), (64, 96, 64, 16)])
+def test_fused_kernel_on_partial_tiles(dtype, m, k, n, r):
+    """The kernel's own contract at odd shapes (interpreter): forward with x @ A.T in its main loop,
+    backward with dY @ B in the loop, dA and dB partials, accumulation and dX written over x. (Calls
+    through lora_linear use it on whole tiles only, see kernels.lora._fused.)"""
+    cfg = {"block_m": 32, "block_n": 32, "block_k": 32, "gemm_warps": 4, "stages": 2, "group_m": 2}
+    x = torch.randn(m, k).to(dtype)
+    w, a = (torch.randn(n, k) * k ** -0.5).to(dtype), (torch.randn(r, k) * k ** -0.5).to(dtype)
+    b, bias, dy = torch.randn(n, r).to(dtype), torch.randn(n).to(dtype), torch.randn(m, n).to(dtype)
+    f = torch.Tensor.double
+    fwd = lora_kernels._launch(x, w, cfg, forward=True, lora_f1=a, lora_f2=b, alpha=0.7,
+                               left_out=torch.empty(m, r, dtype=dtype), bias=bias)
+    xa = f(x) @ f(a).T
+    xs = x.clone()
+    bwd = lora_kernels._launch(dy, w, cfg, forward=False, lora_f1=b, lora_f2=a, alpha=0.7, e=xs, g=fwd.left, out=xs)
+    dyb = f(dy) @ f(b)
+    start = torch.randn(m, k).to(dtype)
+    acc = lora_kernels._launch(dy, w, cfg, forward=False, lora_f1=b, lora_f2=a, alpha=0.7, out=start.clone(),
+                               accumulate=True)
+    dx = f(dy) @ f(w) + 0.7 * dyb @ f(a)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding of each output and of xa / dY @ B
+    for got, want in ((fwd.out, f(x) @ f(w).T + 0.7 * xa @ f(b).T + f(bias)), (fwd.left, xa), (bwd.out, dx),
+                      (bwd.e_part.sum(0), dyb.T @ f(x)), (bwd.g_part.sum(0), f(dy).T @ f(fwd.left)),
+                      (acc.out, dx + f(start))):
+        err = float((f(got) - want).abs().max() / want.abs().max())
+        assert err < tol, err

@@ -75,3 +75,34 @@ def test_hint_is_scoped_and_per_thread():
         assert output_values_are_unused()
     assert not output_values_are_unused()
     assert seen == [False]  # the dispatcher's tuning thread never sees the hint
+
+
+SMALL_TILES = {"block_m": 16, "block_n": 32, "block_k": 32, "gemm_warps": 4, "stages": 2}
+
+
+@pytest.mark.parametrize("config", [{**c, **SMALL_TILES} for c in CONFIGS if c["base"] == "fused"],
+                         ids=["xa-mm", "xa-loop"])
+def test_expiring_input_takes_the_fused_dx(config):
+    """``inputs_expire_in_backward``: the fused backward writes dX over x (an op's output), reading each
+    x tile for dA before storing the dX tile there; gradients as without the hint, and a second
+    backward through the same graph fails instead of reading gradients as activations."""
+    from slipstream.ops.hints import inputs_expire_in_backward
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    x0, weight, a, b = _args(32, 64, 96, 8, False, gen)  # whole tiles: the fused kernels run
+    dy = torch.randn(32, 96, generator=gen)
+
+    def run(expire: bool):
+        x = x0 * 1.0  # produced by an op, as a layer's activation is
+        with inputs_expire_in_backward(expire):
+            out = lora_linear(x, weight, a, b, 1.5, config=config)
+        grads = torch.autograd.grad(out, (x0, a, b), dy, retain_graph=True)
+        return x, out, grads
+
+    _, _, expected = run(False)
+    x, out, got = run(True)
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+    torch.testing.assert_close(x, got[0])  # x's memory now holds dX (d(x0 * 1) = dX)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, (x0, a, b), dy)

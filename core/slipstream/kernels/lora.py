@@ -86,22 +86,26 @@ CONFIGS: list[dict] = [
     {"base": "cublas", "bytes": 4096, "num_warps": 8},
     {"base": "triton", "bytes": 2048, "num_warps": 4, "block_m": 128, "block_n": 128, "block_k": 64,
      "gemm_warps": 8, "stages": 4, "group_m": 8},
-    {"base": "fused", "bytes": 4096, "num_warps": 8, "block_m": 128, "block_n": 128, "block_k": 64,
-     "gemm_warps": 8, "stages": 4, "group_m": 8, "tma": True},
     {"base": "fused", "bytes": 4096, "num_warps": 8, "block_m": 128, "block_n": 256, "block_k": 64,
-     "gemm_warps": 8, "stages": 3, "group_m": 8, "tma": True},
+     "gemm_warps": 8, "stages": 4, "group_m": 8, "tma": True, "xa": "mm"},
+    {"base": "fused", "bytes": 4096, "num_warps": 8, "block_m": 128, "block_n": 256, "block_k": 64,
+     "gemm_warps": 8, "stages": 4, "group_m": 8, "tma": True},
 ]
 """Tuning space. ``base``: ``"cublas"`` runs the base GEMM with the vendor BLAS and accumulates the
 LoRA term in place (``addmm_``, one extra read+write of the output); ``"triton"`` runs a Triton GEMM
 that adds the LoRA term and bias in its epilogue (output written once); ``"fused"`` also computes
 ``x @ A.T`` (forward) and ``dY @ B`` (backward) in that GEMM's main loop from the tiles it already
 loaded, and the ``dA``/``dB`` partial products in it (x, dY read once each for everything). The Triton
-bases win where the vendor GEMM's edge is smaller than the LoRA passes they save (H100, torch 2.11:
-they do not; cuBLAS reaches 770 TFLOP/s at 4096^3, Triton 3.6 tiles ~600). ``bytes``/``num_warps``:
+bases win where the vendor GEMM's edge is smaller than the LoRA passes they save (H100, torch 2.11,
+Triton 3.6, r=16, 4096 tokens, fwd+bwd: ``"fused"`` 0.160 ms against cuBLAS's 0.189 for k/v
+(4096 -> 1024), a tie for q/o (0.457 / 0.459), 7-9 % slower for the MLP shapes, whose Triton base
+GEMM alone is 5 % (forward) and 14 % (dX) behind cuBLAS; benchmarks/gpu/lora_fused_probe.py). ``bytes``/``num_warps``:
 the NF4 dequantisation kernel (packed bytes per program, warps). ``block_*``/``gemm_warps``/``stages``/
 ``group_m``: the Triton GEMM; ``tma``: its A and W tiles fetched through tensor descriptors (NVIDIA
-Hopper's copy engine; 16-bit activations only, pointers otherwise); ``db``: ``"fused"`` (default) or
-``"mm"`` (dB as a separate GEMM)."""
+Hopper's copy engine; 16-bit activations only, pointers otherwise); ``xa``: ``"loop"`` (default) or
+``"mm"`` (``x @ A.T`` as a separate GEMM, the Triton GEMM adding only the epilogue); ``db``: ``"mm"``
+(default, a separate GEMM) or ``"fused"`` (partials from the dX GEMM's first column tiles: one read of
+dY less, but a transposed product in those tiles' main loop; H100: slower)."""
 
 
 # ----------------------------------------------------------------------------- Triton GEMM + LoRA in one pass
@@ -128,6 +132,7 @@ def _lora_gemm_kernel(
     STORE_L: tl.constexpr, E_PART: tl.constexpr, G_PART: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACCUMULATE: tl.constexpr,
     EVEN_K: tl.constexpr,  # R % BLOCK_K == 0: the main loop needs no masks along K
+    EVEN_MN: tl.constexpr,  # M % BLOCK_M == 0 and NOUT % BLOCK_N == 0: no partial output tiles
     TMA: tl.constexpr,  # a_ptr and w_ptr are tensor descriptors (tiles fetched by the copy engine)
     W_KMAJOR: tl.constexpr,  # TMA only: op(W) = W.T (forward); else op(W) = W
     UPCAST: tl.constexpr,  # CPU interpreter only: its tl.dot misreads bf16 operands, so feed it fp32
@@ -154,8 +159,12 @@ def _lora_gemm_kernel(
     m_in = offs_m < M
     n_in = offs_n < NOUT
     r_in = offs_r < RANK
-    rows = tl.where(m_in, offs_m, 0).to(tl.int64)  # clamped: epilogue loads stay in bounds, stores are masked
-    cols = tl.where(n_in, offs_n, 0).to(tl.int64)
+    if EVEN_MN:  # no partial tiles: the offsets keep their contiguity (vector loads in the epilogue)
+        rows = offs_m.to(tl.int64)
+        cols = offs_n.to(tl.int64)
+    else:  # clamped: epilogue loads stay in bounds, stores are masked
+        rows = tl.where(m_in, offs_m, 0).to(tl.int64)
+        cols = tl.where(n_in, offs_n, 0).to(tl.int64)
     if not TMA:
         # the tile's origin in 64-bit scalars, the (BLOCK, BLOCK_K) offsets in 32 bits from aranges: the
         # compiler keeps their contiguity (16-byte vector loads) and few registers per pointer
@@ -260,10 +269,13 @@ class _Fused:
     g_part: torch.Tensor | None = None  # (row tiles, R, r) fp32
 
 
-def _tma_ok(cfg: dict, a: torch.Tensor, w: torch.Tensor) -> bool:
+def _tma_ok(cfg: dict, a: torch.Tensor, w: torch.Tensor, tiles: tuple[int, int, int]) -> bool:
     """The config asks for tensor-descriptor (TMA) tiles and ``a``, ``w`` allow them: 16-bit floats
-    (fp32 would be multiplied in TF32), 16-byte aligned bases and row strides, a GPU device."""
-    if not cfg.get("tma") or TensorDescriptor is None or a.device.type == "cpu":
+    (fp32 would be multiplied in TF32), 16-byte aligned bases and row strides, a GPU device (or the
+    interpreter), and whole tiles (``tiles``: BLOCK_M for a's rows and the two tile sizes for W's)."""
+    if not cfg.get("tma") or TensorDescriptor is None or (a.device.type == "cpu" and not interpreter_on()):
+        return False
+    if any(size % tile for size, tile in zip((a.shape[0], *w.shape), tiles, strict=True)):
         return False
     return all(t.dtype in (torch.bfloat16, torch.float16) and t.data_ptr() % 16 == 0 and (t.stride(0) * 2) % 16 == 0
                for t in (a, w))
@@ -304,7 +316,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, cfg: dict, *, forward: bool, lora_
     else:  # op(W) = W; F1 = B; F2 = A
         s_w, s_f1, s_f2 = (w.stride(0), 1), (f1.stride(0), 1), (lora_f2.stride(0), 1)
     dummy = out
-    a_arg, w_arg, tma = a, w, _tma_ok(cfg, a, w)
+    # whole tiles: M by BLOCK_M, and W (N, K) by (BLOCK_N, BLOCK_K) forward, (BLOCK_K, BLOCK_N) backward
+    a_arg, w_arg, tma = a, w, _tma_ok(cfg, a, w, (bm, bn, bk) if forward else (bm, bk, bn))
     if tma:
         a_arg = TensorDescriptor(a, [m, r_dim], [a.stride(0), 1], [bm, bk])
         w_arg = TensorDescriptor(w, list(w.shape), [w.stride(0), 1], [bn, bk] if forward else [bk, bn])
@@ -319,8 +332,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, cfg: dict, *, forward: bool, lora_
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(rank), GROUP_M=int(cfg["group_m"]),
         L_IN=lora_f1 is None, STORE_L=left_out is not None, E_PART=e is not None,
         G_PART=g is not None, HAS_BIAS=bias is not None, ACCUMULATE=accumulate, EVEN_K=r_dim % bk == 0,
-        TMA=tma, W_KMAJOR=forward, UPCAST=interpreter_on(), num_warps=int(cfg["gemm_warps"]),
-        num_stages=int(cfg["stages"]), **launch_options(cfg))
+        EVEN_MN=m % bm == 0 and nout % bn == 0, TMA=tma, W_KMAJOR=forward, UPCAST=interpreter_on(),
+        num_warps=int(cfg["gemm_warps"]), num_stages=int(cfg["stages"]), **launch_options(cfg))
     return result
 
 
@@ -430,10 +443,29 @@ def _grad_input(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, left:
     return _accumulate_base(out, dy2, weight, cfg)
 
 
-def _fused(cfg: dict, weight: torch.Tensor | QuantizedWeight) -> bool:
-    """The config runs LoRA inside the Triton base GEMM, and the base weight is one piece (a 4-bit
-    weight cut into row pieces goes the piecewise cuBLAS way, which bounds its dense temporary)."""
-    return cfg["base"] == "fused" and len(_pieces(weight)) == 1
+def _fused(cfg: dict, weight: torch.Tensor | QuantizedWeight, rows: int) -> bool:
+    """The config runs LoRA inside the Triton base GEMM, on whole tiles in both directions (``rows`` by
+    ``block_m``; N and K by ``block_n`` and ``block_k``), with a base weight in one piece (a 4-bit
+    weight cut into row pieces goes the piecewise cuBLAS way, which bounds its dense temporary).
+    Other calls with this config take the cuBLAS way: on the H100 the fused kernels gave wrong
+    gradients on a 13 x 40 -> 27, rank-3 projection (bf16; an illegal address in fp16), which the
+    CPU interpreter computes right; not isolated yet, so partial tiles never reach them."""
+    if cfg["base"] != "fused" or len(_pieces(weight)) != 1:
+        return False
+    n, k = weight.shape
+    step = math.lcm(int(cfg["block_n"]), int(cfg["block_k"]))
+    return rows % int(cfg["block_m"]) == 0 and n % step == 0 and k % step == 0
+
+
+def _fused_forward(x2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, a_c: torch.Tensor, b_c: torch.Tensor,
+                   scaling: float, bias: torch.Tensor | None, cfg: dict, xa: torch.Tensor) -> torch.Tensor:
+    """(M, N) output of one projection from one Triton launch. Config ``"xa": "mm"``: ``xa`` (M, r) was
+    computed by the caller and the GEMM only adds ``xa @ B.T`` in its epilogue; otherwise (default,
+    ``"loop"``) ``x @ A.T`` accumulates in the main loop from the x tiles it loads and is written to ``xa``."""
+    w = _materialise(weight, x2.dtype, cfg)
+    if cfg.get("xa") == "mm":
+        return _launch(x2, w, cfg, forward=True, left=xa, lora_f2=b_c, alpha=scaling, bias=bias).out
+    return _launch(x2, w, cfg, forward=True, lora_f1=a_c, lora_f2=b_c, alpha=scaling, left_out=xa, bias=bias).out
 
 
 def _fused_backward(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, x2: torch.Tensor,
@@ -442,10 +474,10 @@ def _fused_backward(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, x
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(dX, dA, dB)`` of one projection from one launch: ``dY @ B`` is accumulated in the dX GEMM's
     main loop, ``dA`` comes from its epilogue (``(dY @ B).T @ x`` per tile, x tile read once) and
-    ``dB`` from its first column tiles (``dY.T @ xa``; config ``"db": "mm"``: a separate GEMM).
+    ``dB`` from a separate GEMM (config ``"db": "fused"``: from the first column tiles, ``dY.T @ xa``).
     ``out`` given: dX is written there (over ``x2`` when the caller allows), or added (``accumulate``)."""
     dt = dy2.dtype
-    with_g = need_b and cfg.get("db", "fused") == "fused"
+    with_g = need_b and cfg.get("db") == "fused"
     res = _launch(dy2, _materialise(weight, dt, cfg), cfg, forward=False,
                   lora_f1=ADAPTER_CASTS.get(lora_b, dt, TAKE), lora_f2=ADAPTER_CASTS.get(lora_a, dt, TAKE), alpha=s,
                   e=x2 if need_a else None, g=xa if with_g else None, out=out, accumulate=accumulate)
@@ -479,19 +511,19 @@ class _LoraLinear(torch.autograd.Function):
         if output_values_are_unused():  # a recomputed layer's last projection: only the backward is needed
             xa = torch.mm(x2, a_c.t())  # (M, r)
             out = x2.new_empty((x2.shape[0], n))
-        elif _fused(cfg, weight):
-            fused = _launch(x2, _materialise(weight, dt, cfg), cfg, forward=True, lora_f1=a_c, lora_f2=b_c,
-                            alpha=scaling, left_out=x2.new_empty((x2.shape[0], a_c.shape[0])), bias=bias_c)
-            out, xa = fused.out, fused.left
+        elif _fused(cfg, weight, x2.shape[0]):
+            xa = torch.mm(x2, a_c.t()) if cfg.get("xa") == "mm" else x2.new_empty((x2.shape[0], a_c.shape[0]))
+            out = _fused_forward(x2, weight, a_c, b_c, scaling, bias_c, cfg, xa)
         else:
             xa = torch.mm(x2, a_c.t())  # (M, r)
             out = _base_plus_lora(x2, weight, bias_c, xa, b_c, scaling, cfg)
         dense = weight if isinstance(weight, torch.Tensor) else None
-        ctx.save_for_backward(x2, xa, dense, lora_a, lora_b)
         # dX may be written over x (ops.hints): x is an op's output of this very shape, so each tile
-        # of the fused backward reads its x tile (for dA) before it stores the dX tile in its place
-        ctx.overwrite = (_fused(cfg, weight) and inputs_may_be_overwritten() and x.grad_fn is not None
+        # of the fused backward reads its x tile (for dA) before it stores the dX tile in its place.
+        # x itself is saved then (not the (M, K) view of it), so a later reader trips its version check.
+        ctx.overwrite = (_fused(cfg, weight, x2.shape[0]) and inputs_may_be_overwritten() and x.grad_fn is not None
                          and x.is_contiguous() and x2.data_ptr() == x.data_ptr())
+        ctx.save_for_backward(x if ctx.overwrite else x2, xa, dense, lora_a, lora_b)
         ctx.qweight = None if dense is not None else weight
         ctx.scaling, ctx.cfg, ctx.x_shape = scaling, cfg, x.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -499,7 +531,8 @@ class _LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x2, xa, dense, lora_a, lora_b = ctx.saved_tensors
+        x_saved, xa, dense, lora_a, lora_b = ctx.saved_tensors
+        x2 = x_saved.reshape(-1, x_saved.shape[-1])  # the (M, K) view, or x2 itself
         weight = dense if dense is not None else ctx.qweight
         need_x, need_w, need_a, need_b, need_bias = ctx.needs_input_grad[:5]
         s, cfg, dt = ctx.scaling, ctx.cfg, x2.dtype
@@ -513,13 +546,13 @@ class _LoraLinear(torch.autograd.Function):
             db = torch.zeros_like(lora_b) if need_b else None
             dbias = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtype) if need_bias else None
             return dx, dw, da, db, dbias, None, None, None
-        if need_x and _fused(cfg, weight):
+        if need_x and _fused(cfg, weight, x2.shape[0]):
             if need_w:
                 dw = _as(torch.mm(dy2.t(), x2), dense.dtype)
             if need_bias:
                 dbias = _as(dy2.sum(0), ctx.bias_dtype)
             dx, da, db = _fused_backward(dy2, weight, x2, xa, lora_a, lora_b, s, cfg, need_a, need_b,
-                                         out=x2 if ctx.overwrite and not need_w else None)
+                                         out=x2.detach() if ctx.overwrite and not need_w else None)
             return dx.view(ctx.x_shape), dw, da, db, dbias, None, None, None
         dyb = torch.mm(dy2, ADAPTER_CASTS.get(lora_b, dt, TAKE)) if need_x or need_a else None  # (M, r)
         if need_a:
@@ -532,7 +565,7 @@ class _LoraLinear(torch.autograd.Function):
             dbias = _as(dy2.sum(0), ctx.bias_dtype)
         # x is done with: when it was recomputed for this backward (lean activations: the down
         # projection's act(gate) * up) this reference is its last, so dX below can take its memory
-        del x2
+        del x2, x_saved
         if need_x:
             dx = _grad_input(dy2, weight, dyb, ADAPTER_CASTS.get(lora_a, dt, TAKE), s, cfg).view(ctx.x_shape)
         return dx, dw, da, db, dbias, None, None, None
@@ -574,8 +607,8 @@ class _LoraGroup(torch.autograd.Function):
         dt = x.dtype
         x2 = _unit_stride(x.reshape(-1, k))
         ranks = [a.shape[0] for a in a_s]
-        fused = all(_fused(cfg, w) for w in weights)
-        if fused:  # each projection's x @ A_i.T in its own base GEMM's main loop, into its columns of xa_all
+        fused = all(_fused(cfg, w, x2.shape[0]) for w in weights)
+        if fused and cfg.get("xa") != "mm":  # each x @ A_i.T in its base GEMM's main loop, into its columns
             xa_all = x2.new_empty((x2.shape[0], sum(ranks)))
         else:
             a_all = ADAPTER_CASTS.cat(tuple(a_s), dt, use)  # (sum r, K)
@@ -587,8 +620,7 @@ class _LoraGroup(torch.autograd.Function):
             b_c = ADAPTER_CASTS.get(b, dt, use)
             bias_c = None if bias is None else _as(bias, dt)
             if fused:
-                out = _launch(x2, _materialise(w, dt, cfg), cfg, forward=True, lora_f1=ADAPTER_CASTS.get(a, dt, use),
-                              lora_f2=b_c, alpha=s, left_out=xa, bias=bias_c).out
+                out = _fused_forward(x2, w, ADAPTER_CASTS.get(a, dt, use), b_c, s, bias_c, cfg, xa)
             else:
                 out = _base_plus_lora(x2, w, bias_c, xa, b_c, s, cfg)
             outs.append(out.view(*x.shape[:-1], w.shape[0]))
@@ -617,7 +649,7 @@ class _LoraGroup(torch.autograd.Function):
         dx = None
         live = [i for i in range(g) if dys[i] is not None and m > 0]
         starts = [sum(ctx.ranks[:i]) for i in range(g)]
-        if live and need_x and all(_fused(cfg, w) for w in weights):
+        if live and need_x and all(_fused(cfg, w, m) for w in weights):
             for j, i in enumerate(live):  # one launch per projection, each adding its dX onto the last one's
                 xa = xa_all[:, starts[i]:starts[i] + ctx.ranks[i]]
                 dx, das[i], dbs[i] = _fused_backward(dys[i], weights[i], x2, xa, a_s[i], b_s[i], scalings[i], cfg,
@@ -752,22 +784,24 @@ def aot(config: dict, dtype: torch.dtype = torch.bfloat16) -> list[AotUnit]:
                                   "s_f2n", "s_lm", "s_em", "s_gm"), "i32"),
                  "alpha": "fp32",
                  **dict.fromkeys(("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "GROUP_M", "L_IN", "STORE_L", "E_PART",
-                                  "G_PART", "HAS_BIAS", "ACCUMULATE", "EVEN_K", "TMA", "W_KMAJOR", "UPCAST"),
+                                  "G_PART", "HAS_BIAS", "ACCUMULATE", "EVEN_K", "EVEN_MN", "TMA", "W_KMAJOR",
+                                  "UPCAST"),
                                  "constexpr")}
     options = {"num_warps": int(cfg["gemm_warps"]), "num_stages": int(cfg["stages"])}
     fused = cfg["base"] == "fused"
-    with_g = fused and cfg.get("db", "fused") == "fused"
+    with_g = fused and cfg.get("db") == "fused"
     # (forward, bias, accumulate): forward with/without bias; backward writing dX, then accumulating
     forms = ((True, False, False), (True, True, False), (False, False, False), (False, False, True))
     tma = bool(cfg.get("tma"))
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     for rank in AOT_RANKS:
         for forward, has_bias, accumulate in forms:
+            xa_given = forward and cfg.get("xa") == "mm"
             constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                          "BLOCK_R": _block_r(rank), "GROUP_M": cfg["group_m"], "L_IN": not fused,
-                          "STORE_L": fused and forward, "E_PART": fused and not forward,
+                          "BLOCK_R": _block_r(rank), "GROUP_M": cfg["group_m"], "L_IN": not fused or xa_given,
+                          "STORE_L": fused and forward and not xa_given, "E_PART": fused and not forward,
                           "G_PART": with_g and not forward, "HAS_BIAS": has_bias, "ACCUMULATE": accumulate,
-                          "EVEN_K": True, "TMA": tma, "W_KMAJOR": forward, "UPCAST": False}
+                          "EVEN_K": True, "EVEN_MN": True, "TMA": tma, "W_KMAJOR": forward, "UPCAST": False}
             if tma:  # host tensor descriptors: A tiles (BLOCK_M, BLOCK_K), W tiles as the launch builds them
                 w_block = (bn, bk) if forward else (bk, bn)
                 signature = {**signature, "a_ptr": f"tensordesc<{p[1:]}[{bm},{bk}]>",

@@ -153,10 +153,12 @@ def gated_mlp_forward_with(
     # Under lean activations, act(gate) * up is recomputed from gate and up (which the gated op saves
     # anyway) when the down projection's backward needs it, instead of being kept.
     act = recompute.tag(act, gate_op, cfg, gate, up, reference, label=cfg.op)
-    if cfg.output_to_residual and not reference and recompute.recomputing():
-        with output_values_unused():
-            return module.down_proj(act)
-    return module.down_proj(act)
+    # act feeds only the down projection: in a recompute its backward may write d(act) over act
+    with inputs_expire_in_backward(recompute.recomputing() and not reference):
+        if cfg.output_to_residual and not reference and recompute.recomputing():
+            with output_values_unused():
+                return module.down_proj(act)
+        return module.down_proj(act)
 
 
 def apply(build: Build) -> None:

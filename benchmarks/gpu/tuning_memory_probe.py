@@ -1,0 +1,64 @@
+"""Which device tensors outlive the dispatcher's tuning in a W8B step (GPU diagnostic).
+
+Runs one W8B bf16 offload step with the LoRA ops tuned (the rest pinned as in ``w8b_force.txt``),
+then prints ``LEAK`` lines: the allocated bytes before and after ``gc.collect()``, and the largest
+live CUDA tensors that are not parameters, with the types of what refers to them.
+Usage on the device: python3 benchmarks/gpu/tuning_memory_probe.py (PIN_LORA=1: nothing tuned, for comparison)
+"""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+import torch
+
+
+def report(top: int = 25) -> None:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    gc.collect()
+    after = torch.cuda.memory_allocated()
+    print(f"LEAK allocated {before / 2**30:.2f} GiB, after gc.collect {after / 2**30:.2f} GiB", flush=True)
+    tensors = [o for o in gc.get_objects()
+               if isinstance(o, torch.Tensor) and o.is_cuda and not isinstance(o, torch.nn.Parameter)]
+    tensors.sort(key=lambda t: -t.untyped_storage().nbytes())
+    seen: set[int] = set()
+    for t in tensors[:top * 2]:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        refs = []
+        for r in gc.get_referrers(t):
+            if r is tensors:
+                continue
+            keys = ":" + ",".join(map(str, list(r.keys())[:6])) if isinstance(r, dict) else ""
+            refs.append(type(r).__name__ + keys)
+        print(f"LEAK {t.untyped_storage().nbytes() / 2**20:.0f} MiB {tuple(t.shape)} {t.dtype} refs={refs[:4]}",
+              flush=True)
+
+
+def main() -> None:
+    spec = importlib.util.spec_from_file_location("w8b", "benchmarks/train/w8b.py")
+    w8b = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(w8b)
+    log = w8b.log
+
+    def log_and_report(message: str) -> None:
+        log(message)
+        if message.startswith("step 0"):
+            report()
+
+    w8b.log = log_and_report
+    force = Path("benchmarks/gpu/w8b_force.txt").read_text().strip()
+    if os.environ.get("PIN_LORA") != "1":  # PIN_LORA=1: everything pinned, the baseline to compare with
+        force = re.sub(r"lora_linear(_group)?=[^]]*\],?", "", force).rstrip(",")
+    os.environ["SLIPSTREAM_FORCE"] = force
+    w8b.run("llama3-8b", "bf16", "offload", 2, 2048, 1, 1, "cuda")
+
+
+if __name__ == "__main__":
+    main()
