@@ -312,9 +312,9 @@ def _launch(a: torch.Tensor, w: torch.Tensor, cfg: dict, *, forward: bool, lora_
         return result
     f1 = lora_f1 if lora_f1 is not None else lora_f2
     if forward:  # op(W) = W.T; F1 = A.T; F2 = B.T
-        s_w, s_f1, s_f2 = (1, w.stride(0)), (1, f1.stride(0)), (1, lora_f2.stride(0))
-    else:  # op(W) = W; F1 = B; F2 = A
-        s_w, s_f1, s_f2 = (w.stride(0), 1), (f1.stride(0), 1), (lora_f2.stride(0), 1)
+        s_w, s_f1, s_f2 = (1, w.stride(0)), (f1.stride(1), f1.stride(0)), (1, lora_f2.stride(0))
+    else:  # op(W) = W; F1 = B (any strides); F2 = A
+        s_w, s_f1, s_f2 = (w.stride(0), 1), (f1.stride(0), f1.stride(1)), (lora_f2.stride(0), 1)
     dummy = out
     # whole tiles: M by BLOCK_M, and W (N, K) by (BLOCK_N, BLOCK_K) forward, (BLOCK_K, BLOCK_N) backward
     a_arg, w_arg, tma = a, w, _tma_ok(cfg, a, w, (bm, bn, bk) if forward else (bm, bk, bn))
@@ -443,14 +443,19 @@ def _grad_input(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, left:
     return _accumulate_base(out, dy2, weight, cfg)
 
 
-def _fused(cfg: dict, weight: torch.Tensor | QuantizedWeight, rows: int) -> bool:
+def _fused(cfg: dict, weight: torch.Tensor | QuantizedWeight, rows: int, rank: int) -> bool:
     """The config runs LoRA inside the Triton base GEMM, on whole tiles in both directions (``rows`` by
-    ``block_m``; N and K by ``block_n`` and ``block_k``), with a base weight in one piece (a 4-bit
-    weight cut into row pieces goes the piecewise cuBLAS way, which bounds its dense temporary).
-    Other calls with this config take the cuBLAS way: on the H100 the fused kernels gave wrong
-    gradients on a 13 x 40 -> 27, rank-3 projection (bf16; an illegal address in fp16), which the
-    CPU interpreter computes right; not isolated yet, so partial tiles never reach them."""
-    if cfg["base"] != "fused" or len(_pieces(weight)) != 1:
+    ``block_m``; N and K by ``block_n`` and ``block_k``), for a rank that is a multiple of 8, with a
+    base weight in one piece (a 4-bit weight cut into row pieces goes the piecewise cuBLAS way, which
+    bounds its dense temporary). Other calls with this config take the cuBLAS way. Why (H100, Triton
+    3.6, ``benchmarks/gpu/lora_partial_tiles.py``): for a 13 x 40 -> 27 rank-3 projection the backward
+    that accumulates ``dY @ B`` in its main loop, reading tiles of the row-major (N, 3) B whose rows
+    are 6 bytes apart, gave dX 62 % off in bf16 and fp16 (the CPU interpreter computes it right; the
+    same launch with ``dY @ B`` given was right), and the dB partials, reading (M, 3) xa the same way,
+    hit an illegal address. Whole tiles were verified at Llama-8B shapes with rank 16 (conformance
+    and the probe); rows of B 16-byte aligned (rank % 8 == 0 in 16-bit) and whole tiles are what
+    was verified, so that is what runs."""
+    if cfg["base"] != "fused" or rank % 8 or len(_pieces(weight)) != 1:
         return False
     n, k = weight.shape
     step = math.lcm(int(cfg["block_n"]), int(cfg["block_k"]))
@@ -511,7 +516,7 @@ class _LoraLinear(torch.autograd.Function):
         if output_values_are_unused():  # a recomputed layer's last projection: only the backward is needed
             xa = torch.mm(x2, a_c.t())  # (M, r)
             out = x2.new_empty((x2.shape[0], n))
-        elif _fused(cfg, weight, x2.shape[0]):
+        elif _fused(cfg, weight, x2.shape[0], a_c.shape[0]):
             xa = torch.mm(x2, a_c.t()) if cfg.get("xa") == "mm" else x2.new_empty((x2.shape[0], a_c.shape[0]))
             out = _fused_forward(x2, weight, a_c, b_c, scaling, bias_c, cfg, xa)
         else:
@@ -521,8 +526,8 @@ class _LoraLinear(torch.autograd.Function):
         # dX may be written over x (ops.hints): x is an op's output of this very shape, so each tile
         # of the fused backward reads its x tile (for dA) before it stores the dX tile in its place.
         # x itself is saved then (not the (M, K) view of it), so a later reader trips its version check.
-        ctx.overwrite = (_fused(cfg, weight, x2.shape[0]) and inputs_may_be_overwritten() and x.grad_fn is not None
-                         and x.is_contiguous() and x2.data_ptr() == x.data_ptr())
+        ctx.overwrite = (_fused(cfg, weight, x2.shape[0], a_c.shape[0]) and inputs_may_be_overwritten()
+                         and x.grad_fn is not None and x.is_contiguous() and x2.data_ptr() == x.data_ptr())
         ctx.save_for_backward(x if ctx.overwrite else x2, xa, dense, lora_a, lora_b)
         ctx.qweight = None if dense is not None else weight
         ctx.scaling, ctx.cfg, ctx.x_shape = scaling, cfg, x.shape
@@ -546,7 +551,7 @@ class _LoraLinear(torch.autograd.Function):
             db = torch.zeros_like(lora_b) if need_b else None
             dbias = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtype) if need_bias else None
             return dx, dw, da, db, dbias, None, None, None
-        if need_x and _fused(cfg, weight, x2.shape[0]):
+        if need_x and _fused(cfg, weight, x2.shape[0], lora_a.shape[0]):
             if need_w:
                 dw = _as(torch.mm(dy2.t(), x2), dense.dtype)
             if need_bias:
@@ -607,7 +612,7 @@ class _LoraGroup(torch.autograd.Function):
         dt = x.dtype
         x2 = _unit_stride(x.reshape(-1, k))
         ranks = [a.shape[0] for a in a_s]
-        fused = all(_fused(cfg, w, x2.shape[0]) for w in weights)
+        fused = all(_fused(cfg, w, x2.shape[0], a.shape[0]) for w, a in zip(weights, a_s, strict=True))
         if fused and cfg.get("xa") != "mm":  # each x @ A_i.T in its base GEMM's main loop, into its columns
             xa_all = x2.new_empty((x2.shape[0], sum(ranks)))
         else:
@@ -649,7 +654,7 @@ class _LoraGroup(torch.autograd.Function):
         dx = None
         live = [i for i in range(g) if dys[i] is not None and m > 0]
         starts = [sum(ctx.ranks[:i]) for i in range(g)]
-        if live and need_x and all(_fused(cfg, w, m) for w in weights):
+        if live and need_x and all(_fused(cfg, w, m, r) for w, r in zip(weights, ctx.ranks, strict=True)):
             for j, i in enumerate(live):  # one launch per projection, each adding its dX onto the last one's
                 xa = xa_all[:, starts[i]:starts[i] + ctx.ranks[i]]
                 dx, das[i], dbs[i] = _fused_backward(dys[i], weights[i], x2, xa, a_s[i], b_s[i], scalings[i], cfg,
