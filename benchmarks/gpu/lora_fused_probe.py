@@ -12,6 +12,7 @@ import json
 
 import torch
 
+from slipstream.dispatch.graph_timing import graph_ms
 from slipstream.kernels import lora as L
 
 dev, dt = "cuda", torch.bfloat16
@@ -23,27 +24,8 @@ SHAPES = {"q/o": (4096, 4096, 4096), "k/v": (4096, 4096, 1024), "gate/up": (4096
 
 
 def gpu_ms(fn, reps: int = 20) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best.append(a.elapsed_time(b) / reps)
-    return sorted(best)[2]
+    """Median GPU ms of one ``fn()``, from CUDA-graph replays of ``reps`` back-to-back calls."""
+    return graph_ms(fn, torch.device(dev), iters_per_graph=reps, replays=5)
 
 
 def cfg_of(tile: tuple, base: str = "fused", db: str = "mm", xa: str = "loop") -> dict:
