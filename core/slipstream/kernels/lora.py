@@ -264,7 +264,7 @@ class _Fused:
     """What one :func:`_launch` returns: the output and the by-products asked for."""
 
     out: torch.Tensor
-    left: torch.Tensor | None = None  # (M, r) L = a @ F1
+    left: torch.Tensor | None = None  # (M, r) L = a @ F1, when written (``left_out``)
     e_part: torch.Tensor | None = None  # (row tiles, r, NOUT) fp32
     g_part: torch.Tensor | None = None  # (row tiles, R, r) fp32
 
@@ -300,10 +300,9 @@ def _launch(a: torch.Tensor, w: torch.Tensor, cfg: dict, *, forward: bool, lora_
     if a.element_size() == 4:
         bk //= 2  # fp32 tiles are twice the bytes: keep the pipelined stages inside shared memory
     tiles_m = triton.cdiv(m, bm)
-    result = _Fused(out)
-    if left is None:
-        result.left = left = left_out if left_out is not None else torch.empty((m, rank), device=a.device,
-                                                                               dtype=a.dtype)
+    result = _Fused(out, left_out)
+    # l_ptr: the given L, the L to store, or (neither) only a dtype for the kernel's rounding of L
+    left = left if left is not None else left_out if left_out is not None else out
     if e is not None:
         result.e_part = torch.empty((tiles_m, rank, nout), device=a.device, dtype=torch.float32)
     if g is not None:
@@ -513,10 +512,11 @@ class _LoraLinear(torch.autograd.Function):
         x2 = _unit_stride(x.reshape(-1, k))
         a_c, b_c = ADAPTER_CASTS.get(lora_a, dt, use), ADAPTER_CASTS.get(lora_b, dt, use)
         bias_c = None if bias is None else _as(bias, dt)
+        ctx.fused = _fused(cfg, weight, x2.shape[0], a_c.shape[0])
         if output_values_are_unused():  # a recomputed layer's last projection: only the backward is needed
             xa = torch.mm(x2, a_c.t())  # (M, r)
             out = x2.new_empty((x2.shape[0], n))
-        elif _fused(cfg, weight, x2.shape[0], a_c.shape[0]):
+        elif ctx.fused:
             xa = torch.mm(x2, a_c.t()) if cfg.get("xa") == "mm" else x2.new_empty((x2.shape[0], a_c.shape[0]))
             out = _fused_forward(x2, weight, a_c, b_c, scaling, bias_c, cfg, xa)
         else:
@@ -526,8 +526,8 @@ class _LoraLinear(torch.autograd.Function):
         # dX may be written over x (ops.hints): x is an op's output of this very shape, so each tile
         # of the fused backward reads its x tile (for dA) before it stores the dX tile in its place.
         # x itself is saved then (not the (M, K) view of it), so a later reader trips its version check.
-        ctx.overwrite = (_fused(cfg, weight, x2.shape[0], a_c.shape[0]) and inputs_may_be_overwritten()
-                         and x.grad_fn is not None and x.is_contiguous() and x2.data_ptr() == x.data_ptr())
+        ctx.overwrite = (ctx.fused and inputs_may_be_overwritten() and x.grad_fn is not None and x.is_contiguous()
+                         and x2.data_ptr() == x.data_ptr())
         ctx.save_for_backward(x if ctx.overwrite else x2, xa, dense, lora_a, lora_b)
         ctx.qweight = None if dense is not None else weight
         ctx.scaling, ctx.cfg, ctx.x_shape = scaling, cfg, x.shape
@@ -551,23 +551,19 @@ class _LoraLinear(torch.autograd.Function):
             db = torch.zeros_like(lora_b) if need_b else None
             dbias = torch.zeros(n, device=x2.device, dtype=ctx.bias_dtype) if need_bias else None
             return dx, dw, da, db, dbias, None, None, None
-        if need_x and _fused(cfg, weight, x2.shape[0], lora_a.shape[0]):
-            if need_w:
-                dw = _as(torch.mm(dy2.t(), x2), dense.dtype)
-            if need_bias:
-                dbias = _as(dy2.sum(0), ctx.bias_dtype)
+        if need_w:
+            dw = _as(torch.mm(dy2.t(), x2), dense.dtype)
+        if need_bias:
+            dbias = _as(dy2.sum(0), ctx.bias_dtype)
+        if need_x and ctx.fused:  # x is read once more, by the dX launch (and may be overwritten by it)
             dx, da, db = _fused_backward(dy2, weight, x2, xa, lora_a, lora_b, s, cfg, need_a, need_b,
-                                         out=x2.detach() if ctx.overwrite and not need_w else None)
+                                         out=x2.detach() if ctx.overwrite else None)
             return dx.view(ctx.x_shape), dw, da, db, dbias, None, None, None
         dyb = torch.mm(dy2, ADAPTER_CASTS.get(lora_b, dt, TAKE)) if need_x or need_a else None  # (M, r)
         if need_a:
             da = _as(_scaled(torch.mm(dyb.t(), x2), s), lora_a.dtype)
         if need_b:
             db = _as(_scaled(torch.mm(dy2.t(), xa), s), lora_b.dtype)
-        if need_w:
-            dw = _as(torch.mm(dy2.t(), x2), dense.dtype)
-        if need_bias:
-            dbias = _as(dy2.sum(0), ctx.bias_dtype)
         # x is done with: when it was recomputed for this backward (lean activations: the down
         # projection's act(gate) * up) this reference is its last, so dX below can take its memory
         del x2, x_saved
@@ -613,7 +609,8 @@ class _LoraGroup(torch.autograd.Function):
         x2 = _unit_stride(x.reshape(-1, k))
         ranks = [a.shape[0] for a in a_s]
         fused = all(_fused(cfg, w, x2.shape[0], a.shape[0]) for w, a in zip(weights, a_s, strict=True))
-        if fused and cfg.get("xa") != "mm":  # each x @ A_i.T in its base GEMM's main loop, into its columns
+        xa_in_loop = fused and cfg.get("xa") != "mm"
+        if xa_in_loop:  # each x @ A_i.T in its base GEMM's main loop, into its columns
             xa_all = x2.new_empty((x2.shape[0], sum(ranks)))
         else:
             a_all = ADAPTER_CASTS.cat(tuple(a_s), dt, use)  # (sum r, K)
@@ -625,14 +622,15 @@ class _LoraGroup(torch.autograd.Function):
             b_c = ADAPTER_CASTS.get(b, dt, use)
             bias_c = None if bias is None else _as(bias, dt)
             if fused:
-                out = _fused_forward(x2, w, ADAPTER_CASTS.get(a, dt, use), b_c, s, bias_c, cfg, xa)
+                a_c = ADAPTER_CASTS.get(a, dt, use) if xa_in_loop else a  # (else unused: xa is given)
+                out = _fused_forward(x2, w, a_c, b_c, s, bias_c, cfg, xa)
             else:
                 out = _base_plus_lora(x2, w, bias_c, xa, b_c, s, cfg)
             outs.append(out.view(*x.shape[:-1], w.shape[0]))
         dense = [w if isinstance(w, torch.Tensor) else None for w in weights]
         ctx.save_for_backward(x2, xa_all, *dense, *a_s, *b_s)
         ctx.qweights = [None if isinstance(w, torch.Tensor) else w for w in weights]
-        ctx.plan, ctx.ranks, ctx.x_shape = plan, ranks, x.shape
+        ctx.plan, ctx.ranks, ctx.x_shape, ctx.fused = plan, ranks, x.shape, fused
         ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
         return tuple(outs)
 
@@ -654,7 +652,7 @@ class _LoraGroup(torch.autograd.Function):
         dx = None
         live = [i for i in range(g) if dys[i] is not None and m > 0]
         starts = [sum(ctx.ranks[:i]) for i in range(g)]
-        if live and need_x and all(_fused(cfg, w, m, r) for w, r in zip(weights, ctx.ranks, strict=True)):
+        if live and need_x and ctx.fused:
             for j, i in enumerate(live):  # one launch per projection, each adding its dX onto the last one's
                 xa = xa_all[:, starts[i]:starts[i] + ctx.ranks[i]]
                 dx, das[i], dbs[i] = _fused_backward(dys[i], weights[i], x2, xa, a_s[i], b_s[i], scalings[i], cfg,

@@ -304,9 +304,9 @@ def slipstream_attention(
     window = int(sliding_window) if sliding_window else None
     cap = float(softcap) if softcap else None
     if not layout.packed:
-        # a long sequence's checkpointed layer may keep its attention output for the recompute
-        out = attention_stash.attend(query, key, value, bool(is_causal), scaling) if window is None and cap is None \
-            else None
+        out = None
+        if window is None and cap is None:  # a long sequence's checkpointed layer may keep its output for the recompute
+            out = attention_stash.attend(query, key, value, bool(is_causal), scaling)
         if out is None:
             out = ops.attention(query, key, value, bool(is_causal), scaling, window, cap, None)
         return out.transpose(1, 2), None

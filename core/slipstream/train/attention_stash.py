@@ -53,10 +53,6 @@ class Slot:
     entries: list[Kept] = field(default_factory=list)
     replay: bool = False
 
-    @property
-    def bytes(self) -> int:
-        return sum(k.out.numel() * k.out.element_size() + k.lse.numel() * 4 for k in self.entries)
-
 
 @dataclass
 class StashStats:
@@ -142,7 +138,7 @@ def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
         return "shapes"
     if q.device.type == "cuda" and (q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256
                                     or q.shape[-1] % 8):
-        return "dtype or head dim the flash kernel does not take"
+        return "dtype or head dim the CUDA kernels do not take"
     return ""
 
 
