@@ -22,6 +22,19 @@ def report(top: int = 25) -> None:
     gc.collect()
     after = torch.cuda.memory_allocated()
     print(f"LEAK allocated {before / 2**30:.2f} GiB, after gc.collect {after / 2**30:.2f} GiB", flush=True)
+    # live blocks by the pool and stream their segment belongs to: graph pools that outlived their
+    # graph (cuBLAS workspaces captured on fresh streams) show up as many small private pools
+    by_pool: dict = {}
+    for seg in torch.cuda.memory_snapshot():
+        live = sum(b["size"] for b in seg["blocks"] if b["state"] == "active_allocated")
+        if live:
+            key = (tuple(seg.get("segment_pool_id", (0, 0))), seg.get("stream", 0))
+            by_pool[key] = by_pool.get(key, 0) + live
+    default = sum(v for (pool, _), v in by_pool.items() if pool == (0, 0))
+    private = {k: v for k, v in by_pool.items() if k[0] != (0, 0)}
+    print(f"LEAK default pool {default / 2**30:.2f} GiB; {len(private)} private pool/stream pairs hold "
+          f"{sum(private.values()) / 2**30:.2f} GiB: "
+          + ", ".join(f"{v / 2**20:.0f} MiB" for v in sorted(private.values(), reverse=True)[:12]), flush=True)
     tensors = [o for o in gc.get_objects()
                if isinstance(o, torch.Tensor) and o.is_cuda and not isinstance(o, torch.nn.Parameter)]
     tensors.sort(key=lambda t: -t.untyped_storage().nbytes())

@@ -478,9 +478,10 @@ SMALL_FUSED = [{**c, "block_m": 16, "block_n": 32, "block_k": 32, "gemm_warps": 
 @pytest.mark.parametrize("config", SMALL_FUSED, ids=["xa-mm", "xa-loop"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_configs_on_whole_tiles(config, dtype, monkeypatch):
-    """With tiles that divide the shapes and ranks that are multiples of 8, the fused kernels run
-    (counted) for one projection and for a q/k/v-like group with different N and ranks, a bias and an
-    NF4 base; outputs and every gradient."""
+    """With tiles that divide the shapes, the fused kernels run (counted) for one projection (a rank
+    that is a multiple of 8, and rank 5, whose B the backward reads column-major) and for a
+    q/k/v-like group with different N and ranks, a bias and an NF4 base; outputs and every gradient.
+    Partial tiles and ``"db": "fused"`` with rank 5 take the cuBLAS way."""
     launches = []
     real = lora_kernels._launch
 
@@ -492,13 +493,17 @@ def test_fused_configs_on_whole_tiles(config, dtype, monkeypatch):
     assert_matches_reference(SPEC, with_config(config), make_args(32, 64, 96, 8, dtype, bias=True))
     assert launches.count(True) == 1 and launches.count(False) == 1
     launches.clear()
-    # a rank whose B rows are not 16-byte aligned takes the cuBLAS way (see kernels.lora._fused)
     assert_matches_reference(SPEC, with_config(config), make_args(32, 64, 96, 5, dtype, bias=True))
+    assert launches.count(True) == 1 and launches.count(False) == 1
+    launches.clear()
+    # partial row tiles, and the dB partials with a rank that is not a multiple of 8: the cuBLAS way
+    assert_matches_reference(SPEC, with_config(config), make_args(33, 64, 96, 8, dtype, bias=True))
+    assert_matches_reference(SPEC, with_config({**config, "db": "fused"}), make_args(32, 64, 96, 5, dtype))
     assert not launches
     k = 64
     x = torch.randn(2, 16, k).to(dtype).requires_grad_()
     weights, a_s, b_s, biases = [], [], [], []
-    for n, r, base, has_bias in ((64, 8, "dense", True), (32, 16, "nf4", False), (32, 8, "dense", True)):
+    for n, r, base, has_bias in ((64, 8, "dense", True), (32, 16, "nf4", False), (32, 5, "dense", True)):
         _, w, a, b, _, bias = frozen_base(make_args(1, k, n, r, dtype, base=base, bias=has_bias), bias=True)
         weights.append(w)
         a_s.append(a)
@@ -526,8 +531,8 @@ def test_fused_kernel_on_partial_tiles(dtype, m, k, n, r):
     bwd = lora_kernels._launch(dy, w, cfg, forward=False, lora_f1=b, lora_f2=a, alpha=0.7, e=xs, g=fwd.left, out=xs)
     dyb = f(dy) @ f(b)
     start = torch.randn(m, k).to(dtype)
-    acc = lora_kernels._launch(dy, w, cfg, forward=False, lora_f1=b, lora_f2=a, alpha=0.7, out=start.clone(),
-                               accumulate=True)
+    acc = lora_kernels._launch(dy, w, cfg, forward=False, lora_f1=lora_kernels._column_major(b), lora_f2=a,
+                               alpha=0.7, out=start.clone(), accumulate=True)
     dx = f(dy) @ f(w) + 0.7 * dyb @ f(a)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: one rounding of each output and of xa / dY @ B
     for got, want in ((fwd.out, f(x) @ f(w).T + 0.7 * xa @ f(b).T + f(bias)), (fwd.left, xa), (bwd.out, dx),

@@ -444,17 +444,17 @@ def _grad_input(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, left:
 
 def _fused(cfg: dict, weight: torch.Tensor | QuantizedWeight, rows: int, rank: int) -> bool:
     """The config runs LoRA inside the Triton base GEMM, on whole tiles in both directions (``rows`` by
-    ``block_m``; N and K by ``block_n`` and ``block_k``), for a rank that is a multiple of 8, with a
-    base weight in one piece (a 4-bit weight cut into row pieces goes the piecewise cuBLAS way, which
-    bounds its dense temporary). Other calls with this config take the cuBLAS way. Why (H100, Triton
-    3.6, ``benchmarks/gpu/lora_partial_tiles.py``): for a 13 x 40 -> 27 rank-3 projection the backward
-    that accumulates ``dY @ B`` in its main loop, reading tiles of the row-major (N, 3) B whose rows
-    are 6 bytes apart, gave dX 62 % off in bf16 and fp16 (the CPU interpreter computes it right; the
-    same launch with ``dY @ B`` given was right), and the dB partials, reading (M, 3) xa the same way,
-    hit an illegal address. Whole tiles were verified at Llama-8B shapes with rank 16 (conformance
-    and the probe); rows of B 16-byte aligned (rank % 8 == 0 in 16-bit) and whole tiles are what
-    was verified, so that is what runs."""
-    if cfg["base"] != "fused" or rank % 8 or len(_pieces(weight)) != 1:
+    ``block_m``; N and K by ``block_n`` and ``block_k``), with a base weight in one piece (a 4-bit weight
+    cut into row pieces goes the piecewise cuBLAS way, which bounds its dense temporary). Other calls
+    with this config take the cuBLAS way. Whole tiles because that is where the tensor-descriptor
+    tiles apply: the pointer tiles a partial one needs were 7-10x slower than cuBLAS on the H100.
+
+    ``"db": "fused"`` also needs a rank that is a multiple of 8: its dB partials read (M, r) ``xa``
+    row by row, and on the H100 (Triton 3.6) a 13 x 40 -> 27 rank-3 case hit an illegal address
+    there (``benchmarks/gpu/lora_partial_tiles.py``, case ``bwd_g``). The dX main loop's reads of a
+    row-major B with such rows (6 bytes apart) gave dX 62 % off; :func:`_fused_backward` passes B
+    column-major, which the same script verified right (dX 4.6e-3, dA 1.4e-3 relative in bf16)."""
+    if cfg["base"] != "fused" or len(_pieces(weight)) != 1 or (cfg.get("db") == "fused" and rank % 8):
         return False
     n, k = weight.shape
     step = math.lcm(int(cfg["block_n"]), int(cfg["block_k"]))
@@ -483,7 +483,8 @@ def _fused_backward(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, x
     dt = dy2.dtype
     with_g = need_b and cfg.get("db") == "fused"
     res = _launch(dy2, _materialise(weight, dt, cfg), cfg, forward=False,
-                  lora_f1=ADAPTER_CASTS.get(lora_b, dt, TAKE), lora_f2=ADAPTER_CASTS.get(lora_a, dt, TAKE), alpha=s,
+                  lora_f1=_column_major(ADAPTER_CASTS.get(lora_b, dt, TAKE)),
+                  lora_f2=ADAPTER_CASTS.get(lora_a, dt, TAKE), alpha=s,
                   e=x2 if need_a else None, g=xa if with_g else None, out=out, accumulate=accumulate)
     if out is not None and out.data_ptr() == x2.data_ptr():  # x is gone: a retain_graph reader fails loudly
         torch.autograd.graph.increment_version(out)
@@ -493,6 +494,12 @@ def _fused_backward(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, x
     else:
         db = _as(_scaled(torch.mm(dy2.t(), xa), s), lora_b.dtype) if need_b else None
     return res.out, da, db
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """(N, r) ``t`` laid out column by column (strides ``(1, N)``): how the dX main loop reads B (see
+    :func:`_fused`); a copy of N * r elements unless it already is."""
+    return t if t.stride(0) == 1 else t.t().contiguous().t()
 
 
 def _resolve(config: dict | None) -> dict:
