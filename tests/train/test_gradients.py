@@ -154,7 +154,7 @@ def test_partial_layer_count_is_checked(tiny_dir):
 
 
 def test_memory_cap_bounds_the_plan(tiny_dir):
-    from slipstream.train.memory import allocated_bytes, plan_for_model
+    from slipstream.train.memory import CAPPED_HEADROOM, HEADROOM, allocated_bytes, plan_for_model
 
     model, _ = load_tiny(tiny_dir, accelerate=True)
     roomy = plan_for_model(model, batch=2, seq=128)
@@ -164,12 +164,17 @@ def test_memory_cap_bounds_the_plan(tiny_dir):
     assert lean_layer < per_layer  # the norms and the MLP are mapped: their outputs can be recomputed
 
     def capped_at(layers_worth: float):
-        # a cap leaving room (after the planner's 10 % headroom) for the weights, the fixed reserve and
-        # `layers_worth` bytes of activations
-        cap = weights + (roomy.extra["fixed_bytes"] + layers_worth) / 0.9
+        # a cap leaving room (after the planner's 5 % margin under a cap) for the weights, the fixed
+        # reserve and `layers_worth` bytes of activations
+        cap = weights + (roomy.extra["fixed_bytes"] + layers_worth) / CAPPED_HEADROOM
         plan = plan_for_model(model, batch=2, seq=128, max_memory_gib=cap / 2**30)
         assert plan.free_bytes == int(cap) - weights
+        assert plan.budget_bytes == int(plan.free_bytes * CAPPED_HEADROOM)
         return plan
+
+    # a cap above what is free does not bind: the device's free memory with the wider margin
+    loose = plan_for_model(model, batch=2, seq=128, free_bytes=64 * 2**20, max_memory_gib=1024.0)
+    assert loose.free_bytes == 64 * 2**20 and loose.budget_bytes == int(64 * 2**20 * HEADROOM)
 
     # both layers' full activations do not fit, both lean ones do
     lean = capped_at(2.01 * lean_layer)
