@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -28,10 +29,10 @@ def gpu_ms(fn, reps: int = 20) -> float:
     return graph_ms(fn, torch.device(dev), iters_per_graph=reps, replays=5)
 
 
-def cfg_of(tile: tuple, base: str = "fused", db: str = "mm", xa: str = "loop") -> dict:
+def cfg_of(tile: tuple, base: str = "fused", db: str = "mm", xa: str = "loop", dyb: str = "loop") -> dict:
     bm, bn, bk, w, st, tma = tile
     return {"base": base, "bytes": 4096, "num_warps": 8, "block_m": bm, "block_n": bn, "block_k": bk,
-            "gemm_warps": w, "stages": st, "group_m": 8, "db": db, "xa": xa, "tma": tma}
+            "gemm_warps": w, "stages": st, "group_m": 8, "db": db, "xa": xa, "dyb": dyb, "tma": tma}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,6 +79,36 @@ def probe(name: str, m: int, k: int, n: int, r: int = 16) -> list[dict]:
     return rows
 
 
+ROUNDS = 3
+WHOLE_CONFIGS = [("loop", "loop"), ("mm", "mm"), ("loop", "mm")]  # (xa, dyb) on the 128x256x64 s4 tile
+
+
+def paired(name: str, what: str, base_fn, fn) -> dict:
+    """``fn`` timed right after the base GEMM pair, ``ROUNDS`` times: the ratio of each adjacent pair,
+    so that the GPU's clock drifting over a run (seen: 5-10 %) does not enter the ratio."""
+    pairs = []
+    for _ in range(ROUNDS):
+        base = gpu_ms(base_fn, reps=10)
+        pairs.append((gpu_ms(fn, reps=10), base))
+    ms_, bases = zip(*pairs, strict=True)
+    return {"shape": name, "what": what, "ms": statistics.median(ms_), "base_ms": statistics.median(bases),
+            "x_base": statistics.median(m / b for m, b in pairs)}
+
+
+def _run_configs(name: str, label: str, base_fn, step_of) -> list[dict]:
+    configs = [("cublas", L.CONFIGS[1])] + [
+        (f"fused 128x256x64 w8 s4 xa={xa} dyb={dyb}", cfg_of(TILES[1], xa=xa, dyb=dyb)) for xa, dyb in WHOLE_CONFIGS]
+    rows = []
+    for tag, cfg in configs:
+        try:
+            rows.append(paired(name, f"{label} {tag}", base_fn, step_of(cfg)))
+        except Exception as exc:  # noqa: BLE001 - a config that fails is reported, not fatal
+            rows.append({"shape": name, "what": f"{label} {tag}", "error": repr(exc)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    bases = [r["base_ms"] for r in rows if "base_ms" in r]
+    return [{"shape": name, "what": "cublas base fwd+dX", "ms": statistics.median(bases) if bases else None}, *rows]
+
+
 def whole(name: str, m: int, k: int, n: int, r: int = 16) -> list[dict]:
     """lora_linear forward+backward through autograd (x, A, B need grad), per config, vs base GEMMs."""
     torch.manual_seed(0)
@@ -86,31 +117,58 @@ def whole(name: str, m: int, k: int, n: int, r: int = 16) -> list[dict]:
     a = (torch.randn(r, k, device=dev) / k ** 0.5).to(dt).requires_grad_()
     b = (torch.randn(n, r, device=dev) * 0.1).to(dt).requires_grad_()
     dy = torch.randn(m, n, device=dev, dtype=dt)
-    rows = []
-    configs = [("cublas", L.CONFIGS[1])] + [
-        ("fused " + "x".join(map(str, t[:3])) + f" w{t[3]} s{t[4]} xa={xa} db={db}", cfg_of(t, db=db, xa=xa))
-        for t in TILES[:4] for xa, db in (("loop", "mm"), ("mm", "mm"), ("loop", "fused"))]
-    for tag, cfg in configs:
-        def step(cfg=cfg):
+    xd = x.detach()
+
+    def step_of(cfg):
+        def step():
             y = L.lora_linear(x, w, a, b, 2.0, config=cfg)
             torch.autograd.grad(y, (x, a, b), dy)
-        try:
-            rows.append({"shape": name, "what": f"lora_linear {tag}", "ms": gpu_ms(step, reps=10)})
-        except Exception as exc:  # noqa: BLE001
-            rows.append({"shape": name, "what": f"lora_linear {tag}", "error": repr(exc)[:300]})
-        print(json.dumps(rows[-1]), flush=True)
-    return rows
+        return step
+
+    return _run_configs(name, "lora_linear", lambda: (torch.mm(xd, w.t()), torch.mm(dy, w)), step_of)
+
+
+GROUPS = {"q+k+v": (4096, 4096, (4096, 1024, 1024)), "gate+up": (4096, 4096, (14336, 14336))}
+
+
+def group(name: str, m: int, k: int, ns: tuple, r: int = 16) -> list[dict]:
+    """lora_linear_group forward+backward per config, vs the members' base GEMM pairs (cuBLAS)."""
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device=dev, dtype=dt, requires_grad=True)
+    ws = [(torch.randn(n, k, device=dev) / k ** 0.5).to(dt) for n in ns]
+    a_s = [(torch.randn(r, k, device=dev) / k ** 0.5).to(dt).requires_grad_() for _ in ns]
+    b_s = [(torch.randn(n, r, device=dev) * 0.1).to(dt).requires_grad_() for n in ns]
+    dys = [torch.randn(m, n, device=dev, dtype=dt) for n in ns]
+    xd = x.detach()
+
+    def step_of(cfg):
+        def step():
+            ys = L.lora_linear_group(x, ws, a_s, b_s, [2.0] * len(ns), config=cfg)
+            torch.autograd.grad(ys, (x, *a_s, *b_s), dys)
+        return step
+
+    def base():
+        for w, d in zip(ws, dys, strict=True):
+            torch.mm(xd, w.t())
+            torch.mm(d, w)
+
+    return _run_configs(name, "lora_linear_group", base, step_of)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", default=None)
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--whole-only", action="store_true", help="only lora_linear fwd+bwd per config")
+    parser.add_argument("--groups", default="", help="also time these groups: " + ",".join(GROUPS))
     args = parser.parse_args()
     rows = []
     for name in args.shapes.split(","):
-        rows += probe(name, *SHAPES[name])
+        if not args.whole_only:
+            rows += probe(name, *SHAPES[name])
         rows += whole(name, *SHAPES[name])
+    for name in filter(None, args.groups.split(",")):
+        rows += group(name, *GROUPS[name])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, fh, indent=1)

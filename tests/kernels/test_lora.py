@@ -32,6 +32,9 @@ from tests.helpers import aot_compile_sm90, assert_matches_reference
 CPU = torch.device("cpu")
 TRITON_CONFIGS = [c for c in CONFIGS if c["base"] == "triton"]
 FUSED_CONFIGS = [c for c in CONFIGS if c["base"] == "fused"]
+# the registered fused configs and the option they leave out: dY @ B accumulated in the dX GEMM's main loop
+FUSED_VARIANTS = [*FUSED_CONFIGS, {**FUSED_CONFIGS[-1], "dyb": "loop"}]
+FUSED_IDS = ["xa-mm-dyb-mm", "xa-loop-dyb-mm", "xa-loop-dyb-loop"]
 
 
 def make_args(rows: int | tuple, k: int, n: int, r: int, dtype: torch.dtype, *,
@@ -451,7 +454,7 @@ def test_4bit_base_in_pieces_matches_reference(monkeypatch, dtype, config):
     _judge_group(x, weights, a_s, b_s, [2.0, 0.5], [None, None], config)
 
 
-@pytest.mark.parametrize("config", FUSED_CONFIGS, ids=["xa-mm", "xa-loop"])
+@pytest.mark.parametrize("config", FUSED_VARIANTS, ids=FUSED_IDS)
 def test_fused_whole_tiles_take_tensor_descriptors(config, monkeypatch):
     """Shapes that are whole tiles go through TMA tensor descriptors (16-bit only); forward and every
     gradient match the reference, and the descriptors were really built."""
@@ -472,10 +475,10 @@ def test_fused_whole_tiles_take_tensor_descriptors(config, monkeypatch):
     assert not built  # fp32 goes through pointer tiles (descriptors would multiply it in TF32)
 
 
-SMALL_FUSED = [{**c, "block_m": 16, "block_n": 32, "block_k": 32, "gemm_warps": 4, "stages": 2} for c in FUSED_CONFIGS]
+SMALL_FUSED = [{**c, "block_m": 16, "block_n": 32, "block_k": 32, "gemm_warps": 4, "stages": 2} for c in FUSED_VARIANTS]
 
 
-@pytest.mark.parametrize("config", SMALL_FUSED, ids=["xa-mm", "xa-loop"])
+@pytest.mark.parametrize("config", SMALL_FUSED, ids=FUSED_IDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_fused_configs_on_whole_tiles(config, dtype, monkeypatch):
     """With tiles that divide the shapes, the fused kernels run (counted) for one projection (a rank

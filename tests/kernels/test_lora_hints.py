@@ -29,11 +29,14 @@ def _grads(x, weight, a, b, dy, config, *, unused: bool):
 
 
 SMALL_TILES = {"block_m": 16, "block_n": 32, "block_k": 32, "gemm_warps": 4, "stages": 2}
-FUSED_SMALL = [{**c, **SMALL_TILES} for c in CONFIGS if c["base"] == "fused"]  # whole tiles at test sizes
+_FUSED = [c for c in CONFIGS if c["base"] == "fused"]
+# whole tiles at test sizes: the registered fused configs, and dY @ B in the dX main loop (an option they leave out)
+FUSED_SMALL = [{**c, **SMALL_TILES} for c in (*_FUSED, {**_FUSED[-1], "dyb": "loop"})]
+FUSED_IDS = ["xa-mm-dyb-mm", "xa-loop-dyb-mm", "xa-loop-dyb-loop"]
 
 
 @pytest.mark.parametrize("config", [CONFIGS[0], next(c for c in CONFIGS if c["base"] == "triton"), *FUSED_SMALL],
-                         ids=["cublas", "triton", "fused-xa-mm", "fused-xa-loop"])
+                         ids=["cublas", "triton", *(f"fused-{i}" for i in FUSED_IDS)])
 @pytest.mark.parametrize("nf4", [False, True], ids=["dense", "nf4"])
 def test_unused_output_skips_the_forward_gemm_and_keeps_gradients(monkeypatch, config, nf4):
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
@@ -80,7 +83,7 @@ def test_hint_is_scoped_and_per_thread():
     assert seen == [False]  # the dispatcher's tuning thread never sees the hint
 
 
-@pytest.mark.parametrize("config", FUSED_SMALL, ids=["xa-mm", "xa-loop"])
+@pytest.mark.parametrize("config", FUSED_SMALL, ids=FUSED_IDS)
 def test_expiring_input_takes_the_fused_dx(config):
     """``inputs_expire_in_backward``: the fused backward writes dX over x (an op's output), reading each
     x tile for dA before storing the dX tile there; gradients as without the hint, and a second

@@ -87,25 +87,28 @@ CONFIGS: list[dict] = [
     {"base": "triton", "bytes": 2048, "num_warps": 4, "block_m": 128, "block_n": 128, "block_k": 64,
      "gemm_warps": 8, "stages": 4, "group_m": 8},
     {"base": "fused", "bytes": 4096, "num_warps": 8, "block_m": 128, "block_n": 256, "block_k": 64,
-     "gemm_warps": 8, "stages": 4, "group_m": 8, "tma": True, "xa": "mm"},
+     "gemm_warps": 8, "stages": 4, "group_m": 8, "tma": True, "xa": "mm", "dyb": "mm"},
     {"base": "fused", "bytes": 4096, "num_warps": 8, "block_m": 128, "block_n": 256, "block_k": 64,
-     "gemm_warps": 8, "stages": 4, "group_m": 8, "tma": True},
+     "gemm_warps": 8, "stages": 4, "group_m": 8, "tma": True, "dyb": "mm"},
 ]
 """Tuning space. ``base``: ``"cublas"`` runs the base GEMM with the vendor BLAS and accumulates the
 LoRA term in place (``addmm_``, one extra read+write of the output); ``"triton"`` runs a Triton GEMM
-that adds the LoRA term and bias in its epilogue (output written once); ``"fused"`` also computes
-``x @ A.T`` (forward) and ``dY @ B`` (backward) in that GEMM's main loop from the tiles it already
-loaded, and the ``dA``/``dB`` partial products in it (x, dY read once each for everything). The Triton
-bases win where the vendor GEMM's edge is smaller than the LoRA passes they save (H100, torch 2.11,
-Triton 3.6, r=16, 4096 tokens, fwd+bwd: ``"fused"`` 0.160 ms against cuBLAS's 0.189 for k/v
-(4096 -> 1024), a tie for q/o (0.457 / 0.459), 7-9 % slower for the MLP shapes, whose Triton base
-GEMM alone is 5 % (forward) and 14 % (dX) behind cuBLAS; benchmarks/gpu/lora_fused_probe.py). ``bytes``/``num_warps``:
-the NF4 dequantisation kernel (packed bytes per program, warps). ``block_*``/``gemm_warps``/``stages``/
-``group_m``: the Triton GEMM; ``tma``: its A and W tiles fetched through tensor descriptors (NVIDIA
-Hopper's copy engine; 16-bit activations only, pointers otherwise); ``xa``: ``"loop"`` (default) or
-``"mm"`` (``x @ A.T`` as a separate GEMM, the Triton GEMM adding only the epilogue); ``db``: ``"mm"``
-(default, a separate GEMM) or ``"fused"`` (partials from the dX GEMM's first column tiles: one read of
-dY less, but a transposed product in those tiles' main loop; H100: slower)."""
+that adds the LoRA term and bias in its epilogue (output written once); ``"fused"`` also takes the
+LoRA work into that GEMM: ``x @ A.T`` in its forward main loop from the x tiles it loads (``xa``:
+``"loop"``, default) or from a separate skinny GEMM (``"mm"``), the same choice for the backward's
+``dY @ B`` (``dyb``: ``"loop"``, default, or ``"mm"``), the rank-r product ``L @ F`` in the epilogue,
+and the ``dA`` partials from the x tile at each dX tile's position (dX may overwrite x). H100 (torch
+2.11, Triton 3.6, bf16): the Triton GEMM with only the epilogue's rank-r product is 1.05x cuBLAS in
+both directions at 4096^3 (``benchmarks/gpu/gemm_tiles.py``), but a rank-r product in the main loop
+costs ~26 us forward and ~40 us backward there, more than the skinny GEMM it saves; so the
+registered fused configs take ``dY @ B`` by a GEMM, with ``x @ A.T`` by a GEMM or in the loop. Whole
+``lora_linear`` fwd+bwd, r=16, 4096 tokens (``lora_fused_probe.py``): q/o 0.432 ms against cuBLAS's
+0.457, k/v 0.154 against 0.190, gate/up and down within 2 % of cuBLAS (1.45 against 1.49 and 1.47).
+``bytes``/``num_warps``: the NF4 dequantisation kernel (packed bytes per program, warps).
+``block_*``/``gemm_warps``/``stages``/``group_m``: the Triton GEMM; ``tma``: its A and W tiles fetched
+through tensor descriptors (NVIDIA Hopper's copy engine; 16-bit activations only, pointers otherwise);
+``db``: ``"mm"`` (default, a separate GEMM) or ``"fused"`` (partials from the dX GEMM's first column
+tiles: one read of dY less, but a transposed product in those tiles' main loop; H100: slower)."""
 
 
 # ----------------------------------------------------------------------------- Triton GEMM + LoRA in one pass
@@ -477,15 +480,19 @@ def _fused_backward(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, x
                     need_a: bool, need_b: bool, out: torch.Tensor | None = None, accumulate: bool = False
                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(dX, dA, dB)`` of one projection from one launch: ``dY @ B`` is accumulated in the dX GEMM's
-    main loop, ``dA`` comes from its epilogue (``(dY @ B).T @ x`` per tile, x tile read once) and
-    ``dB`` from a separate GEMM (config ``"db": "fused"``: from the first column tiles, ``dY.T @ xa``).
-    ``out`` given: dX is written there (over ``x2`` when the caller allows), or added (``accumulate``)."""
+    main loop (config ``"dyb": "mm"``: computed by a separate GEMM and only added in the epilogue),
+    ``dA`` comes from its epilogue (``(dY @ B).T @ x`` per tile, x tile read once) and ``dB`` from a
+    separate GEMM (config ``"db": "fused"``: from the first column tiles, ``dY.T @ xa``). ``out``
+    given: dX is written there (over ``x2`` when the caller allows), or added (``accumulate``)."""
     dt = dy2.dtype
     with_g = need_b and cfg.get("db") == "fused"
+    b_c = ADAPTER_CASTS.get(lora_b, dt, TAKE)
+    # the (BLOCK_K, rank) product in the main loop costs more than a separate skinny GEMM on the H100
+    # (q/o: base dX alone 0.183 ms, with dY @ B in the loop and the dA partials ~0.22)
+    left = dict(left=torch.mm(dy2, b_c)) if cfg.get("dyb") == "mm" else dict(lora_f1=_column_major(b_c))
     res = _launch(dy2, _materialise(weight, dt, cfg), cfg, forward=False,
-                  lora_f1=_column_major(ADAPTER_CASTS.get(lora_b, dt, TAKE)),
                   lora_f2=ADAPTER_CASTS.get(lora_a, dt, TAKE), alpha=s,
-                  e=x2 if need_a else None, g=xa if with_g else None, out=out, accumulate=accumulate)
+                  e=x2 if need_a else None, g=xa if with_g else None, out=out, accumulate=accumulate, **left)
     if out is not None and out.data_ptr() == x2.data_ptr():  # x is gone: a retain_graph reader fails loudly
         torch.autograd.graph.increment_version(out)
     da = _as(_scaled(res.e_part.sum(0), s), lora_a.dtype) if need_a else None
@@ -806,9 +813,10 @@ def aot(config: dict, dtype: torch.dtype = torch.bfloat16) -> list[AotUnit]:
     bm, bn, bk = cfg["block_m"], cfg["block_n"], cfg["block_k"]
     for rank in AOT_RANKS:
         for forward, has_bias, accumulate in forms:
-            xa_given = forward and cfg.get("xa") == "mm"
+            given = cfg.get("xa") == "mm" if forward else cfg.get("dyb") == "mm"  # the LoRA left factor
+            xa_given = forward and given
             constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                          "BLOCK_R": _block_r(rank), "GROUP_M": cfg["group_m"], "L_IN": not fused or xa_given,
+                          "BLOCK_R": _block_r(rank), "GROUP_M": cfg["group_m"], "L_IN": not fused or given,
                           "STORE_L": fused and forward and not xa_given, "E_PART": fused and not forward,
                           "G_PART": with_g and not forward, "HAS_BIAS": has_bias, "ACCUMULATE": accumulate,
                           "EVEN_K": True, "EVEN_MN": True, "TMA": tma, "W_KMAJOR": forward, "UPCAST": False}
