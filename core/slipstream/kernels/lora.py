@@ -102,8 +102,9 @@ and the ``dA`` partials from the x tile at each dX tile's position (dX may overw
 both directions at 4096^3 (``benchmarks/gpu/gemm_tiles.py``), but a rank-r product in the main loop
 costs ~26 us forward and ~40 us backward there, more than the skinny GEMM it saves; so the
 registered fused configs take ``dY @ B`` by a GEMM, with ``x @ A.T`` by a GEMM or in the loop. Whole
-``lora_linear`` fwd+bwd, r=16, 4096 tokens (``lora_fused_probe.py``): q/o 0.432 ms against cuBLAS's
-0.457, k/v 0.154 against 0.190, gate/up and down within 2 % of cuBLAS (1.45 against 1.49 and 1.47).
+``lora_linear`` fwd+bwd over the base GEMM pair, r=16, 4096 tokens (``lora_fused_probe.py``, each config
+timed right after the base): q/o 1.28x against the cuBLAS path's 1.34x, k/v 1.61x against 1.94x,
+gate/up 1.14x against 1.13x, down 1.07x against 1.11x; the tuner picks per shape bucket.
 ``bytes``/``num_warps``: the NF4 dequantisation kernel (packed bytes per program, warps).
 ``block_*``/``gemm_warps``/``stages``/``group_m``: the Triton GEMM; ``tma``: its A and W tiles fetched
 through tensor descriptors (NVIDIA Hopper's copy engine; 16-bit activations only, pointers otherwise);
