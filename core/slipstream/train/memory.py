@@ -43,7 +43,11 @@ trainable parameter; the workspace: a fixed reserve for cuBLAS/cuDNN workspaces 
 or, when more, the transients one layer needs on top of what is kept: in backward the gradients of
 gate, up and act(gate)*up, of the layer input and of q, k, v; in a lean forward the outputs that
 are dropped after it. At 2 x 2048 tokens that is 0.47 GB, under the reserve; at 131k tokens it is
-15 GB, and without it the planner sent a 131k-token NF4 step into an out-of-memory error on the H100.)
+15 GB, and without it the planner sent a 131k-token NF4 step into an out-of-memory error on the H100.
+The GPU reserve is 512 MiB: at W8B's peak, the first backward of a lean layer, the transients
+measured 0.47 GiB (the gated op's two input gradients, dX, the graph statics;
+``benchmarks/train/memory_breakdown.py``), and every kept tensor within 1 % of the estimate; the
+768 MiB the reserve was before over-counted by 0.3 GiB.)
 A policy fits when its need is at most ``headroom`` of the free memory measured after the model was
 loaded: :data:`HEADROOM` (90 %) of the device's free memory, or :data:`CAPPED_HEADROOM` (95 %) of
 what a user's cap (``max_memory_gib``: the whole process, weights included) leaves after loading
@@ -69,7 +73,7 @@ GIB = 2**30
 HEADROOM = 0.9  # of the device's free memory
 CAPPED_HEADROOM = 0.95  # of what a user's max_memory_gib leaves, where that binds
 RESERVE_BYTES = {"cpu": 256 * 2**20}
-RESERVE_DEFAULT = 768 * 2**20
+RESERVE_DEFAULT = 512 * 2**20  # GPUs: see the module docstring
 
 
 @dataclass(frozen=True)
