@@ -350,6 +350,25 @@ def _as(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
+def _adapter_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``(a @ b) * scale`` in ``dtype``: a LoRA factor's gradient (dA from ``(dY @ B).T @ x``, dB from
+    ``dY.T @ xa``). For 16-bit operands and an fp32 factor on NVIDIA GPUs, cuBLAS writes its fp32
+    accumulator straight out (``torch.mm(..., out_dtype=torch.float32)``) instead of rounding it to 16
+    bits for a cast back: the fp32 adapters get gradients without a 16-bit rounding, and one cast
+    kernel less per gradient. Verified by conformance on the H100 (165 small, 40 Llama-8B checks); the
+    W8B step time did not move beyond its run-to-run spread (13,215 / 13,338 tok/s with it, 13,636 /
+    13,107 without, one machine)."""
+    if dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and _fp32_out_mm(a):
+        return _scaled(torch.mm(a, b, out_dtype=torch.float32), scale)
+    return _as(_scaled(torch.mm(a, b), scale), dtype)
+
+
+def _fp32_out_mm(t: torch.Tensor) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for ``t``'s device: NVIDIA GPUs with a
+    torch that has the op (its CPU build and ROCm are not relied on)."""
+    return t.is_cuda and torch.version.hip is None and hasattr(torch.ops.aten.mm, "dtype")
+
+
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     """``t`` (2-D) with unit column stride (a copy only when it has none)."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
@@ -500,7 +519,7 @@ def _fused_backward(dy2: torch.Tensor, weight: torch.Tensor | QuantizedWeight, x
     if with_g:
         db = _as(_scaled(res.g_part.sum(0), s), lora_b.dtype)
     else:
-        db = _as(_scaled(torch.mm(dy2.t(), xa), s), lora_b.dtype) if need_b else None
+        db = _adapter_grad(dy2.t(), xa, s, lora_b.dtype) if need_b else None
     return res.out, da, db
 
 
@@ -576,9 +595,9 @@ class _LoraLinear(torch.autograd.Function):
             return dx.view(ctx.x_shape), dw, da, db, dbias, None, None, None
         dyb = torch.mm(dy2, ADAPTER_CASTS.get(lora_b, dt, TAKE)) if need_x or need_a else None  # (M, r)
         if need_a:
-            da = _as(_scaled(torch.mm(dyb.t(), x2), s), lora_a.dtype)
+            da = _adapter_grad(dyb.t(), x2, s, lora_a.dtype)
         if need_b:
-            db = _as(_scaled(torch.mm(dy2.t(), xa), s), lora_b.dtype)
+            db = _adapter_grad(dy2.t(), xa, s, lora_b.dtype)
         # x is done with: when it was recomputed for this backward (lean activations: the down
         # projection's act(gate) * up) this reference is its last, so dX below can take its memory
         del x2, x_saved
@@ -683,17 +702,18 @@ class _LoraGroup(torch.autograd.Function):
                     dx = _grad_input(dys[i], weights[i], dyb_all, a_all, 1.0, cfg, out=dx) if j == 0 else \
                         _accumulate_base(dx, dys[i], weights[i], cfg)
             if any(need_a):
-                da_all = torch.mm(dyb_all.t(), x2)  # (sum r, K): one read of x for every adapter
-                if len({a.dtype for a in a_s}) == 1:
-                    da_all = _as(da_all, a_s[0].dtype)  # one cast; each dA_i is a contiguous row block
+                # (sum r, K): one read of x for every adapter; in their dtype when they share one (each
+                # dA_i is a contiguous row block of it)
+                common = a_s[0].dtype if len({a.dtype for a in a_s}) == 1 else None
+                da_all = _adapter_grad(dyb_all.t(), x2, 1.0, common) if common else torch.mm(dyb_all.t(), x2)
                 for i in range(g):
                     if need_a[i]:
                         das[i] = _as(da_all[starts[i]:starts[i] + ctx.ranks[i]], a_s[i].dtype)
         for i in range(g):
             dy = dys[i]
             if need_b[i] and dbs[i] is None:
-                dbs[i] = torch.zeros_like(b_s[i]) if dy is None or m == 0 else _as(_scaled(torch.mm(
-                    dy.t(), xa_all[:, starts[i]:starts[i] + ctx.ranks[i]]), scalings[i]), b_s[i].dtype)
+                dbs[i] = torch.zeros_like(b_s[i]) if dy is None or m == 0 else _adapter_grad(
+                    dy.t(), xa_all[:, starts[i]:starts[i] + ctx.ranks[i]], scalings[i], b_s[i].dtype)
             if need_a[i] and das[i] is None:
                 das[i] = torch.zeros_like(a_s[i])
             if need_w[i]:
