@@ -35,13 +35,13 @@ Backward, with ``dY`` (M, N):
   ``dB  = scaling * dY.T @ xa``  (N, r)            one read of ``dY``
   ``dW  = dY.T @ x``                               only for a dense ``W`` that requires grad
   ``dbias = sum_rows(dY)``                         only if ``bias`` requires grad
-The ``"fused"`` base runs the whole backward of a projection as one Triton GEMM (``_lora_gemm_kernel``):
-``dYB`` accumulates in the dX main loop from the dY tiles it loads anyway, the dX epilogue adds
-``dYB @ A`` and writes per-row-tile partials of ``dYB.T @ x`` (the x tile it reads has the dX tile's
-position), and the first column tile of each row writes partials of ``dY.T @ xa``; two small sums
-finish dA and dB. Under :func:`slipstream.ops.hints.inputs_expire_in_backward` dX is written over x
-(each tile reads its x tile before storing there). Its forward likewise computes ``xa`` in the base
-GEMM's main loop. A 4-bit base cut into row pieces (below) takes the cuBLAS way.
+The ``"fused"`` base runs each direction of a projection as one Triton GEMM (``_lora_gemm_kernel``):
+the epilogue adds the rank-r product (``xa @ B.T`` forward, ``dYB @ A`` backward) and, backward,
+writes per-row-tile partials of ``dYB.T @ x`` from the x tile at the dX tile's position (a small sum
+finishes dA). ``xa`` and ``dYB`` come from skinny GEMMs or accumulate in the main loop (config
+``xa``/``dyb``, see :data:`CONFIGS`). Under :func:`slipstream.ops.hints.inputs_expire_in_backward` dX
+is written over x (each tile reads its x tile before storing there). A 4-bit base cut into row
+pieces (below) takes the cuBLAS way.
 Each product runs only when its input requires grad. Adapters may be fp32 under a bf16/fp16 ``x``
 (peft's default): the (M, ·) products run in ``x``'s dtype on tensor cores with fp32 accumulation
 (``A``/``B`` are cast, r x K and N x r elements) and the adapter gradients are returned in the
@@ -358,15 +358,14 @@ def _adapter_grad(a: torch.Tensor, b: torch.Tensor, scale: float, dtype: torch.d
     kernel less per gradient. Verified by conformance on the H100 (165 small, 40 Llama-8B checks); the
     W8B step time did not move beyond its run-to-run spread (13,215 / 13,338 tok/s with it, 13,636 /
     13,107 without, one machine)."""
-    if dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and _fp32_out_mm(a):
+    if dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _MM_FP32_OUT:
         return _scaled(torch.mm(a, b, out_dtype=torch.float32), scale)
     return _as(_scaled(torch.mm(a, b), scale), dtype)
 
 
-def _fp32_out_mm(t: torch.Tensor) -> bool:
-    """Whether ``torch.mm(..., out_dtype=torch.float32)`` runs for ``t``'s device: NVIDIA GPUs with a
-    torch that has the op (its CPU build and ROCm are not relied on)."""
-    return t.is_cuda and torch.version.hip is None and hasattr(torch.ops.aten.mm, "dtype")
+# torch.mm(..., out_dtype=torch.float32) is relied on for NVIDIA GPUs only (this torch has the op; its
+# CPU build lacks a kernel for it, ROCm is not verified)
+_MM_FP32_OUT = torch.version.hip is None and hasattr(torch.ops.aten.mm, "dtype")
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -835,10 +834,9 @@ def aot(config: dict, dtype: torch.dtype = torch.bfloat16) -> list[AotUnit]:
     for rank in AOT_RANKS:
         for forward, has_bias, accumulate in forms:
             given = cfg.get("xa") == "mm" if forward else cfg.get("dyb") == "mm"  # the LoRA left factor
-            xa_given = forward and given
             constexprs = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
                           "BLOCK_R": _block_r(rank), "GROUP_M": cfg["group_m"], "L_IN": not fused or given,
-                          "STORE_L": fused and forward and not xa_given, "E_PART": fused and not forward,
+                          "STORE_L": fused and forward and not given, "E_PART": fused and not forward,
                           "G_PART": with_g and not forward, "HAS_BIAS": has_bias, "ACCUMULATE": accumulate,
                           "EVEN_K": True, "EVEN_MN": True, "TMA": tma, "W_KMAJOR": forward, "UPCAST": False}
             if tma:  # host tensor descriptors: A tiles (BLOCK_M, BLOCK_K), W tiles as the launch builds them

@@ -308,7 +308,6 @@ class OffloadedCheckpoint:
         self._last = (weakref.ref(first), saved)
         return out
 
-
     def _stash_slot(self) -> attention_stash.Slot | None:
         """A slot for this layer's attention results while fewer than ``stash_layers`` hold some (a
         slot lives with its layer's autograd node; graphed layers never get one)."""
