@@ -89,7 +89,7 @@ def test_lean_frees_the_cheap_outputs_and_changes_no_gradient(tmp_path, monkeypa
     ids = torch.randint(10, 3000, (4, 2048), device="cuda")
     kept, grads = {}, {}
     for run, policy in (("plain", False), ("plain again", False), ("lean", "lean")):
-        apply_checkpointing(model, policy, verbose=False)
+        apply_checkpointing(model, policy, verbose=False, graphs=False)  # eager: graphs keep activations for good
         for _ in range(2):  # the first pass makes the first-call dispatch decisions
             model.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
@@ -121,11 +121,12 @@ def test_bf16_training_on_gpu(tmp_path):
     assert sum(result.losses[-3:]) < sum(result.losses[:3])
 
 
-@pytest.mark.parametrize("policy", ["offload", True])
-def test_cuda_graphs_train_like_eager(tmp_path, policy):
-    """Checkpointed layers (and the loss) replayed from CUDA graphs give the eager path's losses and
-    gradients, step after step: gradient accumulation over two micro-batches, both ``zero_grad``
-    styles, and a batch whose packing layout differs from the captured one (it must run eagerly)."""
+@pytest.mark.parametrize(("policy", "layers"), [("offload", None), (True, None), (True, 1), ("lean", None)])
+def test_cuda_graphs_train_like_eager(tmp_path, policy, layers):
+    """Checkpointed and lean layers (and the loss) replayed from CUDA graphs give the eager path's
+    losses and gradients, step after step: gradient accumulation over two micro-batches, both
+    ``zero_grad`` styles, and a batch whose packing layout differs from the captured one (it must run
+    eagerly). ``layers=1``: the planner's partial policy, the first layer checkpointed, the others lean."""
     from slipstream.train.offload import OffloadedCheckpoint, checkpoint_layers, graph_report
 
     model, _ = gpu_model(tmp_path, torch.float32, num_hidden_layers=3)
@@ -137,10 +138,10 @@ def test_cuda_graphs_train_like_eager(tmp_path, policy):
     schedule = [(same, same), (same, same), (same, same), (same, other), (same, same), (same, same)]
 
     def train(graphs: bool) -> tuple[list[float], list[dict], dict | None]:
-        apply_checkpointing(model, policy, verbose=False, graphs=graphs)
+        apply_checkpointing(model, policy, verbose=False, graphs=graphs, layers=layers, lean=layers is not None)
         if policy is True and not graphs:  # the graphed path's own eager run (not torch's checkpoint)
             func = OffloadedCheckpoint(torch.device("cuda"), offload=False, graphs=False)
-            for layer in checkpoint_layers(model):
+            for layer in checkpoint_layers(model)[:layers]:
                 layer._gradient_checkpointing_func = func
         model.zero_grad(set_to_none=True)
         losses, grads = [], []
@@ -166,8 +167,40 @@ def test_cuda_graphs_train_like_eager(tmp_path, policy):
     assert eager_report is None
     assert report is not None and not report["failed"], report
     assert report["captures"] == 2 * 3 and report["replays"] > 0, report  # forward + backward per layer
+    lean_layers = 3 if policy == "lean" else 3 - layers if layers else 0
+    assert report["lean_graphs"] == lean_layers, report
     assert report["loss_graphs"] == 1 and report["pool_bytes"] > 0, report
     assert any("packing" in reason for reason in report["eager"]), report
+
+
+def test_lean_graphs_two_forwards_before_one_backward(tmp_path):
+    """A lean layer's graph keeps one forward's activations: a second forward of the layer before the
+    first one's backward must run eagerly, and both backwards must be right."""
+    from slipstream.train.offload import graph_report
+
+    model, _ = gpu_model(tmp_path, torch.float32, num_hidden_layers=2)
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    perturb_lora_b(model, gen)
+    first = {k: v.cuda() for k, v in PackedCollator(0)(fresh_rows(2, 64, gen)).items()}
+    ids = torch.randint(10, 1000, first["input_ids"].shape, generator=gen).cuda()
+    second = first | {"input_ids": ids, "labels": ids}  # the same call shape and layout, other tokens
+
+    def train(graphs: bool) -> tuple[dict, dict | None]:
+        apply_checkpointing(model, "lean", verbose=False, graphs=graphs)
+        for _ in range(3):  # two eager calls, then the capture
+            model.zero_grad(set_to_none=True)
+            model(**first, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        loss = model(**first, use_cache=False).loss + 0.5 * model(**second, use_cache=False).loss
+        loss.backward()
+        return lora_grads(model), graph_report(model)
+
+    eager, _ = train(graphs=False)
+    graphed, report = train(graphs=True)
+    scale = max(float(t.abs().max()) for t in eager.values())
+    assert_grads_close(graphed, eager, rtol=1e-3, atol=1e-3 * scale)
+    assert report["lean_graphs"] == 2 and report["replays"] > 0, report
+    assert any("second forward" in reason for reason in report["eager"]), report
 
 
 def test_cuda_graphs_give_up_on_changing_packing_layouts(tmp_path):
@@ -214,7 +247,7 @@ def test_cuda_graphs_give_up_on_changing_packing_layouts(tmp_path):
 
 
 def test_live_peak_measures_what_a_function_held():
-    """The history-based measure the graph pool is sized by (graphs._reserve_pool)."""
+    """The history-based measure the graph pool is sized by (graphs.reserve_pool)."""
     from slipstream.train.graphs import live_peak
 
     device = torch.device("cuda")

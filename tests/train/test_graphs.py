@@ -10,7 +10,7 @@ import torch
 
 from slipstream.models import attention as attn
 from slipstream.train import graphs as g
-from slipstream.train.memory import ModelShape, plan
+from slipstream.train.memory import ModelShape, lean_graph_bytes, plan
 from slipstream.train.offload import OffloadedCheckpoint, apply_checkpointing, checkpoint_layers
 from tests.train.conftest import load_tiny
 
@@ -130,22 +130,22 @@ def test_gradients_are_handed_out_like_autograd():
     p, q = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     written = [torch.ones(3), torch.ones(2)]  # what a backward graph wrote into its static buffers
     entry = g._Entry(params=[p, q], grads=written)
-    g.LayerGraphs._hand_out(entry)
+    g.LayerGraphs.hand_out(entry)
     assert torch.equal(p.grad, written[0]) and p.grad is not written[0]  # None: a copy, which zero_grad frees
     held = p.grad
     written[0].fill_(2.0)
-    g.LayerGraphs._hand_out(entry)
+    g.LayerGraphs.hand_out(entry)
     assert p.grad is held and torch.equal(held, torch.full((3,), 3.0))  # gradient accumulation
     assert torch.equal(q.grad, torch.full((2,), 2.0))
     p.grad = None  # zero_grad(set_to_none=True) for one of them only: a fresh copy next to an addition
-    g.LayerGraphs._hand_out(entry)
+    g.LayerGraphs.hand_out(entry)
     assert torch.equal(p.grad, torch.full((3,), 2.0)) and torch.equal(q.grad, torch.full((2,), 3.0))
     p.grad.zero_()  # zero_grad(set_to_none=False)
-    g.LayerGraphs._hand_out(entry)
+    g.LayerGraphs.hand_out(entry)
     assert torch.equal(p.grad, torch.full((3,), 2.0))
     foreign = torch.full((3,), 5.0)
     p.grad = foreign  # a gradient from elsewhere (e.g. an eager micro-batch)
-    g.LayerGraphs._hand_out(entry)
+    g.LayerGraphs.hand_out(entry)
     assert p.grad is foreign and torch.equal(foreign, torch.full((3,), 7.0))
     assert torch.equal(written[0], torch.full((3,), 2.0))  # the static buffers are only read
 
@@ -162,10 +162,10 @@ def test_peak_of_an_allocator_trace():
 LLAMA_8B = ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=128256)
 
 
-def planned(free_gib: float, graphs: bool):
+def planned(free_gib: float, graphs: bool, lean_graphs: bool = True):
     return plan(LLAMA_8B, batch=2, seq=2048, dtype_bytes=2, free_bytes=int(free_gib * 2**30), device_type="cuda",
                 trainable_params=42_000_000, fused_loss=True, gated_op=True, lean_elements=2 * 4096 + 14336,
-                graphs=graphs)
+                graphs=graphs, lean_graphs=lean_graphs)
 
 
 def test_planner_counts_graph_memory_and_drops_graphs_before_recomputing_more():
@@ -179,10 +179,23 @@ def test_planner_counts_graph_memory_and_drops_graphs_before_recomputing_more():
     assert graphed.checkpointed_layers > plain.checkpointed_layers  # the graphs' memory: fewer layers kept
     extra = graphed.extra["graph_bytes"]
     assert graphed.need_bytes["partial"] <= graphed.budget_bytes
-    # W8B: pool (measured 590 MiB) and three static layer-sized buffers (96 MiB): about 0.7 GiB
-    assert 0.6 * 2**30 < extra < 0.8 * 2**30
+    # W8B: pool (measured 590 MiB) and three static layer-sized buffers (96 MiB): about 0.7 GiB; the
+    # lean layers' graphs' pool held 0.20 GiB more
+    lean = lean_graph_bytes(graphed.extra["workspace_bytes"])
+    assert 0.6 * 2**30 < extra - lean < 0.8 * 2**30 and 0.15 * 2**30 < lean < 0.25 * 2**30
+    eager_lean = planned(10, graphs=True, lean_graphs=False)  # SLIPSTREAM_LEAN_GRAPHS=0
+    assert eager_lean.extra["graph_bytes"] == extra - lean
+    assert eager_lean.checkpointed_layers <= graphed.checkpointed_layers
     tight = planned(1.8, graphs=True)  # offload fits, offload with graphs does not: no graphs
     assert tight.choice == "offload" and not tight.graphs and "without CUDA graphs" in tight.reason
+
+
+def test_planner_graphs_an_all_lean_plan_only_with_lean_graphs():
+    roomy = 15.5  # lean fits with its graphs, keeping every activation does not
+    graphed, eager_lean = planned(roomy, graphs=True), planned(roomy, graphs=True, lean_graphs=False)
+    assert graphed.choice == eager_lean.choice == "lean"
+    assert graphed.graphs and not eager_lean.graphs
+    assert graphed.need_bytes["lean"] > eager_lean.need_bytes["lean"]
 
 
 def test_cpu_offload_path_has_no_graphs(tiny_dir):
@@ -239,3 +252,33 @@ def test_key_follows_peft_switches(tiny_dir):
     lora = next(m for m in checkpoint_layers(model)[0].modules() if hasattr(m, "scaling") and hasattr(m, "lora_A"))
     lora.scaling["default"] *= 2
     assert key() != plain
+
+
+def test_lean_graph_stand_ins_reach_every_trainable_parameter():
+    """The lean capture swaps each trainable parameter for a view made inside the capture; the swap
+    must cover every trainable parameter once, be undone, and the used-parameter walk must see through it."""
+    from slipstream.train.lean_graphs import _swapped, _trainable_slots, _used_params
+
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 2))
+    layer[0].weight.requires_grad_(False)  # a frozen base weight: not a slot
+    layer[2].requires_grad_(False)  # a whole frozen module
+    slots = _trainable_slots(layer)
+    assert [p for _, _, p in slots] == [layer[0].bias, layer[1].weight, layer[1].bias]
+    originals = [p for _, _, p in slots]
+    stand_ins = [p.view_as(p) for p in originals]
+    with _swapped(slots, stand_ins):
+        assert all(module._parameters[name] is t for (module, name, _), t in zip(slots, stand_ins, strict=True))
+        out = layer[1](layer[0](torch.randn(5, 3)))  # layer[2] unused
+    assert [p for _, _, p in _trainable_slots(layer)] == originals  # restored
+    grads = torch.autograd.grad(out.sum(), stand_ins)
+    assert all(g.shape == p.shape for g, p in zip(grads, originals, strict=True))
+    assert _used_params(out, originals + [layer[2].weight]) == [True, True, True, False]
+
+
+def test_lean_graphs_switch(monkeypatch):
+    from slipstream.train.lean_graphs import lean_graphs_enabled
+
+    monkeypatch.delenv("SLIPSTREAM_LEAN_GRAPHS", raising=False)
+    assert lean_graphs_enabled()
+    monkeypatch.setenv("SLIPSTREAM_LEAN_GRAPHS", "0")
+    assert not lean_graphs_enabled()

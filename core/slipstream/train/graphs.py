@@ -199,6 +199,10 @@ class _Entry:
     mismatches: int = 0  # calls in a row that could not replay (other keyword contents)
     failed: str = ""
 
+    def drop(self) -> None:
+        """Let go of the graphs (and whatever else holds memory for them)."""
+        self.forward = self.backward = None
+
 
 @dataclass
 class _LossEntry:
@@ -232,8 +236,11 @@ class LayerGraphs:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._pool: tuple | None = None
-        self._reservation: torch.cuda.CUDAGraph | None = None  # see _reserve_pool
+        self._reservation: torch.cuda.CUDAGraph | None = None  # see reserve_pool
         self.entries: dict[tuple, _Entry] = {}
+        self.lean_entries: dict[tuple, _Entry] = {}  # lean layers' graphs (slipstream.train.lean_graphs)
+        self.lean_closed: set[tuple] = set()  # call shapes whose lean layers can no longer be captured
+        self._lean_pool: tuple | None = None
         self.losses: dict[tuple, _LossEntry] = {}
         self.statics: dict[tuple, _Statics] = {}
         self.grad_buffers: dict[tuple, list[torch.Tensor]] = {}  # parameter shapes -> static gradient buffers
@@ -251,6 +258,22 @@ class LayerGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         return self._pool
 
+    @property
+    def lean_pool(self) -> tuple:
+        """The pool of the lean layers' forward graphs: what each keeps for its backward, and their
+        temporaries (see :mod:`slipstream.train.lean_graphs`)."""
+        if self._lean_pool is None:
+            self._lean_pool = torch.cuda.graph_pool_handle()
+        return self._lean_pool
+
+    @property
+    def reserved(self) -> bool:
+        """Whether the shared pool is sized yet (by the first backward capture, :meth:`reserve_pool`)."""
+        return self._reservation is not None
+
+    def all_entries(self) -> list[_Entry]:
+        return [*self.entries.values(), *self.lean_entries.values()]
+
     # ------------------------------------------------------------------ call description
     def describe(self, function: Callable, hidden: torch.Tensor, rest: tuple) -> LayerCall | None:
         """The :class:`LayerCall` for ``function(hidden, *rest)``, or ``None`` (it runs eagerly)."""
@@ -264,8 +287,8 @@ class LayerGraphs:
         """Run every layer eagerly from now on (e.g. the Trainer's packed batches, whose layout changes
         every step, would capture graphs that never replay); drops what was captured."""
         self.disabled = reason
-        for entry in self.entries.values():
-            entry.forward = entry.backward = None
+        for entry in self.all_entries():
+            entry.drop()
             entry.failed = entry.failed or reason
         self._release()
 
@@ -276,6 +299,7 @@ class LayerGraphs:
         self.losses.clear()
         self._reservation = None
         self._pool = None
+        self._lean_pool = None
 
     def _describe(self, function: Callable, hidden: torch.Tensor, rest: tuple) -> LayerCall:
         if self.disabled:
@@ -339,7 +363,7 @@ class LayerGraphs:
             raise Ungraphable(f"not enough free device memory for the graph pool (about {need / 2**30:.1f} GiB "
                               f"needed, {free / 2**30:.1f} GiB free)")
 
-    def _statics_for(self, call: LayerCall, x: torch.Tensor) -> _Statics:
+    def statics_for(self, call: LayerCall, x: torch.Tensor) -> _Statics:
         statics = self.statics.get(call.shape_key)
         if statics is None:
             if len(self.statics) >= MAX_SHAPES:
@@ -354,7 +378,7 @@ class LayerGraphs:
             self.statics[call.shape_key] = statics
         return statics
 
-    def _grad_buffers(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def grad_buffers_for(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         """Where a backward graph writes its parameters' gradients: one set per list of parameter shapes,
         shared by the layers that have it (each replay's gradients are handed out right after it)."""
         key = tuple((tuple(p.shape), p.dtype) for p in params)
@@ -362,7 +386,7 @@ class LayerGraphs:
             self.grad_buffers[key] = [torch.empty_like(p, requires_grad=False) for p in params]
         return self.grad_buffers[key]
 
-    def _loaded(self, call: LayerCall, entry: _Entry, statics: _Statics) -> bool:
+    def loaded(self, call: LayerCall, entry: object, statics: _Statics) -> bool:
         """:meth:`_load`, counting the calls in a row that can't replay; after ``MISMATCHES`` of them
         the graphs are dropped (packed batches: every step has its own layout)."""
         if self._load(call, statics):
@@ -371,7 +395,7 @@ class LayerGraphs:
         self._skip("keyword tensors differ from the captured ones (e.g. a new packing layout)")
         entry.mismatches += 1
         if entry.mismatches >= MISMATCHES:
-            self._fail(entry, f"the layer's position ids / masks changed on {MISMATCHES} calls in a row (packed "
+            self.fail(entry, f"the layer's position ids / masks changed on {MISMATCHES} calls in a row (packed "
                               f"batches of varying layout): graphs can't replay them")
         return False
 
@@ -381,7 +405,7 @@ class LayerGraphs:
         A forward is captured after its layer's backward (see :meth:`backward`)."""
         entry = self.entries.setdefault(call.key, _Entry())
         statics = self.statics.get(call.shape_key)
-        if entry.failed or entry.backward is None or statics is None or not self._loaded(call, entry, statics):
+        if entry.failed or entry.backward is None or statics is None or not self.loaded(call, entry, statics):
             return None
         statics.hidden.copy_(hidden)
         if entry.forward is None:
@@ -398,7 +422,7 @@ class LayerGraphs:
             with _quiet(), torch.cuda.graph(graph, pool=self.pool):
                 statics.result.copy_(call.run(statics.hidden, kwargs))
         except Exception as exc:  # noqa: BLE001 - any capture failure means: run this layer eagerly
-            self._fail(entry, f"capturing the forward failed ({type(exc).__name__}: {exc})")
+            self.fail(entry, f"capturing the forward failed ({type(exc).__name__}: {exc})")
             return out
         entry.forward = graph
         self.captures += 1
@@ -430,16 +454,16 @@ class LayerGraphs:
             statics.grad_in.copy_(grad)
             entry.backward.replay()
             self.replays += 1
-            self._hand_out(entry)
+            self.hand_out(entry)
             return True, statics.result.clone() if hidden_grad else None
         entry.backward_calls += 1
         if entry.backward_calls <= EAGER_CALLS:
             return False, None
         try:
-            statics = self._statics_for(call, x)
+            statics = self.statics_for(call, x)
         except Ungraphable as exc:
             self._skip(str(exc))
-            self._fail(entry, str(exc))
+            self.fail(entry, str(exc))
             return False, None
         if not self._load(call, statics):
             return False, None
@@ -463,14 +487,14 @@ class LayerGraphs:
         try:
             gx, grads = self._differentiate(call, statics, hidden_grad, rerun)  # this call's result
         except Ungraphable as exc:
-            self._fail(entry, str(exc))
+            self.fail(entry, str(exc))
             return False, None
         used = [(p, g) for p, g in zip(call.params, grads, strict=True) if g is not None]
         entry.params = [p for p, _ in used]
-        entry.grads = self._grad_buffers(entry.params)
+        entry.grads = self.grad_buffers_for(entry.params)
         if used:
             torch._foreach_copy_(entry.grads, [g for _, g in used])
-        self._hand_out(entry)
+        self.hand_out(entry)
         result = gx  # a fresh tensor of the eager run: the capture below writes only static buffers
         del gx, grads, used
 
@@ -488,16 +512,16 @@ class LayerGraphs:
         graph = torch.cuda.CUDAGraph()
         try:
             if self._reservation is None:
-                self._reserve_pool(record)
+                self.reserve_pool(record)
             record(graph, self.pool)
         except Exception as exc:  # noqa: BLE001
-            self._fail(entry, f"capturing the backward failed ({type(exc).__name__}: {exc})")
+            self.fail(entry, f"capturing the backward failed ({type(exc).__name__}: {exc})")
             return True, result
         entry.backward = graph
         self.captures += 1
         return True, result
 
-    def _reserve_pool(self, record: Callable[[torch.cuda.CUDAGraph, tuple], None]) -> None:
+    def reserve_pool(self, record: Callable[[torch.cuda.CUDAGraph, tuple], None]) -> None:
         """Make the pool one block as large as a layer backward's temporaries at their peak.
 
         Captured into an empty pool, a backward's temporaries each get a segment of their own size,
@@ -596,7 +620,7 @@ class LayerGraphs:
         return _ReplayedLoss.apply(hidden, loss, grad)
 
     @staticmethod
-    def _hand_out(entry: _Entry) -> None:
+    def hand_out(entry: object) -> None:
         """Give the gradients a backward wrote into ``entry.grads`` to their parameters: a copy becomes
         ``.grad`` where it is ``None`` (freed again by ``zero_grad``, so no gradient memory is held
         between steps), else it is added (gradient accumulation, or a gradient from elsewhere)."""
@@ -610,19 +634,22 @@ class LayerGraphs:
         if held:
             torch._foreach_add_([h for h, _ in held], [g for _, g in held])
 
-    def _fail(self, entry: _Entry, reason: str) -> None:
+    def fail(self, entry: _Entry, reason: str, what: str = "a checkpointed layer") -> None:
         entry.failed = reason
-        entry.forward = entry.backward = None
-        if all(e.failed for e in self.entries.values()):  # nothing replays any more: give the memory back
+        entry.drop()
+        if all(e.failed for e in self.all_entries()):  # nothing replays any more: give the memory back
             self._release()
-        _report(reason, "a checkpointed layer runs without CUDA graphs")
+        _report(reason, f"{what} runs without CUDA graphs")
 
     def report(self) -> dict:
         """Counters for logs and benchmarks: graphs captured, replays, why calls ran eagerly."""
-        failed = sorted({e.failed for e in self.entries.values() if e.failed})
+        failed = sorted({e.failed for e in self.all_entries() if e.failed})
+        pools = [p for p in (self._pool, self._lean_pool) if p is not None]
         return {"captures": self.captures, "replays": self.replays, "eager": dict(self.skipped), "failed": failed,
                 "loss_graphs": sum(e.graph is not None for e in self.losses.values()),
-                "pool_bytes": pool_bytes(self._pool) if self._pool is not None else 0}
+                "lean_graphs": sum(e.backward is not None for e in self.lean_entries.values()),
+                "pool_bytes": sum(pool_bytes(p) for p in pools),
+                "pool_held_bytes": sum(pool_bytes(p, held=True) for p in pools)}
 
 
 def _report(reason: str, what: str) -> None:
@@ -676,13 +703,18 @@ def peak_of(events: list[dict]) -> int:
     return peak
 
 
-def pool_bytes(pool: object) -> int:
-    """Bytes of device memory reserved by a graph memory pool (what its graphs' temporaries use)."""
+def pool_bytes(pool: object, held: bool = False) -> int:
+    """Bytes of device memory a graph memory pool reserves and no live tensor holds: what its graphs'
+    temporaries use on replay, which the allocator's statistics never see (``held``: the bytes live
+    tensors hold instead, e.g. what lean layers keep for backward; those the statistics count)."""
     try:
         segments = torch.cuda.memory_snapshot()
     except Exception:  # noqa: BLE001 - no CUDA
         return 0
-    return sum(s["total_size"] for s in segments if tuple(s.get("segment_pool_id", ())) == tuple(pool))
+    mine = [s for s in segments if tuple(s.get("segment_pool_id", ())) == tuple(pool)]
+    if held:
+        return sum(s["allocated_size"] for s in mine)
+    return sum(s["total_size"] - s["allocated_size"] for s in mine)
 
 
 __all__ = ["EAGER_CALLS", "LayerCall", "LayerGraphs", "Ungraphable", "dropout_in", "enabled_for", "layer_of",

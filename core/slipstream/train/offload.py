@@ -7,7 +7,8 @@
 - ``"lean"``: no recompute of the layer; its cheap elementwise outputs (RMSNorm, the gated
   activation) are recomputed when backward needs them instead of being kept
   (:mod:`slipstream.train.recompute`): about a third less activation memory for 3-5 % of the
-  step time (H100, W8B).
+  step time (H100, W8B). On CUDA the lean layers replay from graphs too
+  (:mod:`slipstream.train.lean_graphs`).
 - ``"checkpoint"``: ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``; on CUDA with
   CUDA graphs on, :class:`OffloadedCheckpoint` with ``offload=False`` (the input stays on the
   device, the layers replay from graphs: :mod:`slipstream.train.graphs`).
@@ -32,6 +33,7 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 from slipstream.train import attention_stash
 from slipstream.train.graphs import LayerGraphs, enabled_for
+from slipstream.train.lean_graphs import GraphedLean, lean_graphs_enabled
 from slipstream.train.recompute import lean_activations, lean_forward, recomputing_layer
 
 POLICY_NAMES = {False: "none", None: "none", True: "checkpoint", "none": "none", "lean": "lean",
@@ -64,8 +66,9 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
     ``partial`` policy); the others keep their activations, leanly if ``lean`` (``"lean"`` is
     ``lean`` for every layer). Returns the policy applied (``"none"``, ``"lean"``,
     ``"checkpoint"`` or ``"offload"``). ``force_offload`` runs the offloading code path on the CPU
-    too (tests), where it copies into host memory. ``graphs``: replay checkpointed layers from CUDA
-    graphs (``None``: on CUDA unless ``SLIPSTREAM_CUDA_GRAPHS=0``; see :mod:`slipstream.train.graphs`).
+    too (tests), where it copies into host memory. ``graphs``: replay checkpointed and lean layers from
+    CUDA graphs (``None``: on CUDA unless ``SLIPSTREAM_CUDA_GRAPHS=0``, lean layers also unless
+    ``SLIPSTREAM_LEAN_GRAPHS=0``; see :mod:`slipstream.train.graphs`, :mod:`slipstream.train.lean_graphs`).
     ``stash_layers``: with ``"offload"`` and no graphs, up to this many layers at a time keep their
     attention output for the recompute (:mod:`slipstream.train.attention_stash`).
     """
@@ -90,6 +93,12 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
     elif name == "offload":
         func = OffloadedCheckpoint(device, graphs=use_graphs, stash_layers=stash_layers)
     lean = lean or name == "lean"
+    lean_func: Callable = lean_forward
+    layer_graphs = getattr(func, "graphs", None)
+    some_lean = lean and (layers is not None or func is None)
+    if some_lean and use_graphs and lean_graphs_enabled():
+        layer_graphs = layer_graphs or LayerGraphs(device)
+        lean_func = GraphedLean(layer_graphs)
     for i, layer in enumerate(all_layers):
         checkpointed = func is not None and (layers is None or i < layers)
         # transformers calls _gradient_checkpointing_func only when the flag is set: a lean layer is
@@ -98,13 +107,13 @@ def apply_checkpointing(model: torch.nn.Module, policy: bool | str | None, *, la
         if checkpointed:
             layer._gradient_checkpointing_func = func
         elif lean:
-            layer._gradient_checkpointing_func = lean_forward
+            layer._gradient_checkpointing_func = lean_func
     config = getattr(model, "config", None)
     if name != "none" and config is not None and getattr(config, "use_cache", False):
         config.use_cache = False
     object.__setattr__(_unwrap(model), "_slipstream_checkpointing", name)
     # the causal-LM loss replays from a graph in the same pool (models.loss, LayerGraphs.loss)
-    object.__setattr__(_unwrap(model), "_slipstream_layer_graphs", getattr(func, "graphs", None))
+    object.__setattr__(_unwrap(model), "_slipstream_layer_graphs", layer_graphs)
     return name
 
 
@@ -344,10 +353,11 @@ def graph_report(model: torch.nn.Module) -> dict | None:
     found = _layer_graphs(model)
     if not found:
         return None
-    total: dict = {"captures": 0, "replays": 0, "eager": {}, "failed": [], "loss_graphs": 0, "pool_bytes": 0}
+    counts = ("captures", "replays", "loss_graphs", "lean_graphs", "pool_bytes", "pool_held_bytes")
+    total: dict = {"eager": {}, "failed": []} | dict.fromkeys(counts, 0)
     for graphs in found:
         one = graphs.report()
-        for k in ("captures", "replays", "loss_graphs", "pool_bytes"):
+        for k in counts:
             total[k] += one[k]
         for reason, n in one["eager"].items():
             total["eager"][reason] = total["eager"].get(reason, 0) + n
