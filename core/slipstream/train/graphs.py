@@ -36,6 +36,9 @@ too little free memory for the pool (long sequences). A layer also runs eagerly 
 (that call tunes the kernels): its backward is captured on its second call, its forward on the call
 after that. If a capture fails, that layer runs eagerly from then on, with one line on stderr that
 says why.
+
+Layers that keep their activations (lean, not checkpointed) replay from graphs too; their entries,
+pool and capture rules are in :mod:`slipstream.train.lean_graphs`, on the same :class:`LayerGraphs`.
 """
 
 from __future__ import annotations
@@ -238,7 +241,7 @@ class LayerGraphs:
         self._pool: tuple | None = None
         self._reservation: torch.cuda.CUDAGraph | None = None  # see reserve_pool
         self.entries: dict[tuple, _Entry] = {}
-        self.lean_entries: dict[tuple, _Entry] = {}  # lean layers' graphs (slipstream.train.lean_graphs)
+        self.lean_entries: dict = {}  # call key -> lean_graphs.LeanEntry (slipstream.train.lean_graphs)
         self.lean_closed: set[tuple] = set()  # call shapes whose lean layers can no longer be captured
         self._lean_pool: tuple | None = None
         self.losses: dict[tuple, _LossEntry] = {}
@@ -280,7 +283,7 @@ class LayerGraphs:
         try:
             return self._describe(function, hidden, rest)
         except Ungraphable as exc:
-            self._skip(str(exc))
+            self.skip(str(exc))
             return None
 
     def disable(self, reason: str) -> None:
@@ -338,7 +341,7 @@ class LayerGraphs:
         return tuple((m.disable_adapters, tuple(m.active_adapters), bool(getattr(m, "merged", False)),
                       tuple(sorted(getattr(m, "scaling", {}).items()))) for m in loras)
 
-    def _skip(self, reason: str) -> None:
+    def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
     def _load(self, call: LayerCall, statics: _Statics) -> bool:
@@ -392,11 +395,11 @@ class LayerGraphs:
         if self._load(call, statics):
             entry.mismatches = 0
             return True
-        self._skip("keyword tensors differ from the captured ones (e.g. a new packing layout)")
+        self.skip("keyword tensors differ from the captured ones (e.g. a new packing layout)")
         entry.mismatches += 1
         if entry.mismatches >= MISMATCHES:
             self.fail(entry, f"the layer's position ids / masks changed on {MISMATCHES} calls in a row (packed "
-                              f"batches of varying layout): graphs can't replay them")
+                             f"batches of varying layout): graphs can't replay them")
         return False
 
     # ------------------------------------------------------------------ forward
@@ -462,7 +465,7 @@ class LayerGraphs:
         try:
             statics = self.statics_for(call, x)
         except Ungraphable as exc:
-            self._skip(str(exc))
+            self.skip(str(exc))
             self.fail(entry, str(exc))
             return False, None
         if not self._load(call, statics):

@@ -137,18 +137,18 @@ class GraphedLean:
         if entry.failed:
             return None
         if entry.in_flight():
-            graphs._skip("a second forward of a lean layer before its backward")
+            graphs.skip("a second forward of a lean layer before its backward")
             return None
         entry.calls += 1
         if entry.backward is None and entry.calls <= EAGER_CALLS:
             return None
         if entry.backward is None and call.shape_key in graphs.lean_closed:
-            graphs._skip("a lean layer missed its call shape's capture window")
+            graphs.skip("a lean layer missed its call shape's capture window")
             return None
         try:
             statics = graphs.statics_for(call, hidden)
         except Ungraphable as exc:
-            graphs._skip(str(exc))
+            graphs.skip(str(exc))
             graphs.fail(entry, str(exc), "a lean layer")
             return None
         if not graphs.loaded(call, entry, statics):
