@@ -1,7 +1,7 @@
 """On a GPU: a tiny Llama trained with every layer lean and replayed from CUDA graphs; prints what the
 graphs did, the first error with its traceback, and the gradients against the eager lean run.
 
-Usage: python benchmarks/gpu/lean_graphs_probe.py [--mode global|thread_local|relaxed] [--steps N]
+Usage: python benchmarks/gpu/lean_graphs_probe.py [--steps N] [--layers K]
 """
 
 from __future__ import annotations
@@ -20,39 +20,27 @@ from slipstream.train.offload import apply_checkpointing, graph_report
 from tests.train.conftest import make_model_dir
 
 
+def _loud(fn):  # noqa: ANN001, ANN202 - wraps a method
+    """``fn`` that prints the traceback of what it raises before raising it."""
+
+    def wrapper(*args):  # noqa: ANN002, ANN202
+        try:
+            return fn(*args)
+        except Exception:
+            traceback.print_exc()
+            raise
+
+    return wrapper
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", default="global")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=None, help="checkpoint the first N layers (partial)")
-    ap.add_argument("--sync-debug", action="store_true", help="raise at a synchronising call in the eager backward")
     a = ap.parse_args()
-    lean_graphs.CAPTURE_ERROR_MODE = a.mode
-    differentiate = lean_graphs.GraphedLean._differentiate
-
-    def loud(self, *args):  # the capture's own error, with where it came from
-        capturing = torch.cuda.is_current_stream_capturing()
-        if a.sync_debug and not capturing:  # a synchronising call in the eager backward raises, with its stack
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            return differentiate(self, *args)
-        except Exception:
-            traceback.print_exc()
-            raise
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-
-    lean_graphs.GraphedLean._differentiate = loud
-    run = graphs_module.LayerCall.run
-
-    def loud_run(self, *args):
-        try:
-            return run(self, *args)
-        except Exception:
-            traceback.print_exc()
-            raise
-
-    graphs_module.LayerCall.run = loud_run
+    # a failed capture reports only "operation failed due to a previous error": print the first one
+    lean_graphs.GraphedLean._differentiate = _loud(lean_graphs.GraphedLean._differentiate)
+    graphs_module.LayerCall.run = _loud(graphs_module.LayerCall.run)
     folder = make_model_dir(Path(tempfile.mkdtemp()) / "model", num_hidden_layers=3)
     model, _ = FastModel.from_pretrained(folder, max_seq_length=512, init="random", dtype=torch.float32,
                                          device="cuda", verbose=False)

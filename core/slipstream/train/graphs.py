@@ -201,6 +201,7 @@ class _Entry:
     backward_calls: int = 0
     mismatches: int = 0  # calls in a row that could not replay (other keyword contents)
     failed: str = ""
+    what = "a checkpointed layer"  # for the stderr line when its graphs fail (not a field)
 
     def drop(self) -> None:
         """Let go of the graphs (and whatever else holds memory for them)."""
@@ -637,12 +638,12 @@ class LayerGraphs:
         if held:
             torch._foreach_add_([h for h, _ in held], [g for _, g in held])
 
-    def fail(self, entry: _Entry, reason: str, what: str = "a checkpointed layer") -> None:
+    def fail(self, entry: _Entry, reason: str) -> None:
         entry.failed = reason
         entry.drop()
         if all(e.failed for e in self.all_entries()):  # nothing replays any more: give the memory back
             self._release()
-        _report(reason, f"{what} runs without CUDA graphs")
+        _report(reason, f"{entry.what} runs without CUDA graphs")
 
     def report(self) -> dict:
         """Counters for logs and benchmarks: graphs captured, replays, why calls ran eagerly."""

@@ -63,7 +63,6 @@ from slipstream.train.graphs import LayerCall, LayerGraphs, Ungraphable, _quiet,
 from slipstream.train.recompute import lean_activations, lean_forward
 
 EAGER_CALLS = 2  # eager calls of a lean layer before its capture (see the module doc)
-CAPTURE_ERROR_MODE = "global"  # torch.cuda.graph's capture_error_mode for lean captures
 
 
 def lean_graphs_enabled() -> bool:
@@ -97,6 +96,7 @@ class LeanEntry:
     calls: int = 0
     mismatches: int = 0
     failed: str = ""
+    what = "a lean layer"  # for the stderr line when its graphs fail (not a field)
 
     def drop(self) -> None:
         self.forward = self.backward = None
@@ -149,7 +149,7 @@ class GraphedLean:
             statics = graphs.statics_for(call, hidden)
         except Ungraphable as exc:
             graphs.skip(str(exc))
-            graphs.fail(entry, str(exc), "a lean layer")
+            graphs.fail(entry, str(exc))
             return None
         if not graphs.loaded(call, entry, statics):
             return None
@@ -158,7 +158,7 @@ class GraphedLean:
                 self._capture(call, entry, statics, hidden)
             except Exception as exc:  # noqa: BLE001 - any capture failure means: run this layer eagerly
                 graphs.lean_closed.add(call.shape_key)  # a failed capture can leave CUDA's capture state odd
-                graphs.fail(entry, f"capturing it failed ({type(exc).__name__}: {exc})", "a lean layer")
+                graphs.fail(entry, f"capturing it failed ({type(exc).__name__}: {exc})")
                 return None
         return statics
 
@@ -175,8 +175,7 @@ class GraphedLean:
             call.run(entry.x, kwargs)
         forward = torch.cuda.CUDAGraph()
         slots = _trainable_slots(call.layer)
-        with _quiet(), torch.enable_grad(), lean_activations(), torch.cuda.graph(
-                forward, pool=graphs.lean_pool, capture_error_mode=CAPTURE_ERROR_MODE):
+        with _quiet(), torch.enable_grad(), lean_activations(), torch.cuda.graph(forward, pool=graphs.lean_pool):
             # Leaves as autograd inputs fail the backward capture: a leaf's gradient is handed over
             # on the stream of its accumulator node, which may come from an eager call (the legacy
             # stream). Views made here are inputs of their own, on the capture's stream.
@@ -191,16 +190,16 @@ class GraphedLean:
         entry.forward, entry.out = forward, out
         forward.replay()  # the saved tensors now hold values, for the eager run of the backward
         used = _used_params(out, [p for _, _, p in slots])
-        entry.params = [p for (_, _, p), u in zip(slots, used, strict=True) if u]
-        entry.inputs = ([x] if hidden.requires_grad else []) + [a for a, u in zip(aliases, used, strict=True) if u]
-        entry.grads = graphs.grad_buffers_for(entry.params)
         hidden_grad = hidden.requires_grad
+        entry.params = [p for (_, _, p), u in zip(slots, used, strict=True) if u]
+        entry.inputs = ([x] if hidden_grad else []) + [a for a, u in zip(aliases, used, strict=True) if u]
+        entry.grads = graphs.grad_buffers_for(entry.params)
         statics.grad_in.zero_()
         if self._differentiate(entry, statics, hidden_grad):
             raise Ungraphable("a trainable parameter reached the layer other than through its module attribute")
 
         def record(graph: torch.cuda.CUDAGraph, pool: tuple) -> None:
-            with _quiet(), torch.cuda.graph(graph, pool=pool, capture_error_mode=CAPTURE_ERROR_MODE):
+            with _quiet(), torch.cuda.graph(graph, pool=pool):
                 self._differentiate(entry, statics, hidden_grad)
 
         if not graphs.reserved:
